@@ -1,0 +1,44 @@
+"""The `recps` command line: one entry point, subcommands registered per component."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recps",
+        description="recps: sharded parameter servers for recommendation models.",
+        epilog="Example: recps version",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("version", help="print the installed recps version")
+    p.set_defaults(func=_cmd_version)
+
+    demo = sub.add_parser("demo", help="guided demos", epilog="Example: recps demo store")
+    demo_sub = demo.add_subparsers(dest="demo", metavar="DEMO", required=True)
+    from recps.cli import store_demo
+
+    store_demo.add_parser(demo_sub)
+    return parser
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+
+    print(version("recps"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The ``EmbeddingStore`` contract and the logic every store shares.
+
+A store holds one table. Subclasses provide storage; this base provides input
+validation, duplicate summing, NaN policy, admission, initialization, expiry timing
+and the maintenance thread, so the reference and the tiered store cannot drift apart
+on semantics.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recps.embedding.admission import Admission
+from recps.embedding.config import AdmissionConfig, ExpiryConfig, TableConfig
+from recps.embedding.errors import (
+    DimensionMismatchError,
+    DtypeError,
+    LengthMismatchError,
+    NonFiniteGradientError,
+    ShapeError,
+    StoreClosedError,
+)
+from recps.embedding.initializers import RowInitializer
+from recps.embedding.optimizers import SparseOptimizer, make_optimizer
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """A batch of stored rows, as ``items()`` yields them."""
+
+    ids: np.ndarray  # int64 [n]
+    weights: np.ndarray  # float32 [n, dim]
+    state: np.ndarray  # float32 [n, state_width]
+    updated_at: np.ndarray  # float64 [n], unix seconds
+    count: np.ndarray  # int64 [n], updates applied
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class StoreStats:
+    table: str
+    rows: int = 0
+    rows_in_memory: int = 0
+    rows_on_disk: int = 0
+    memory_bytes: int = 0
+    memory_budget_bytes: int = 0
+    disk_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    writebacks: int = 0
+    lookups: int = 0
+    pushes: int = 0
+    rows_looked_up: int = 0
+    rows_updated: int = 0
+    admission_rejected: int = 0  # lookups answered with an initial vector, nothing stored
+    admission_dropped_grads: int = 0  # gradient rows for ids not admitted yet
+    expired_rows: int = 0
+    nonfinite_skipped: int = 0  # gradient rows dropped under nonfinite="skip"
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    def to_dict(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["hit_rate"] = self.hit_rate
+        return d
+
+
+def unique_sum(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ids and the per-id sum of their gradient rows (one sort, no add.at)."""
+    if len(ids) == 0:
+        return ids, grads
+    order = np.argsort(ids, kind="stable")
+    sids = ids[order]
+    first = np.empty(len(sids), dtype=bool)
+    first[0] = True
+    np.not_equal(sids[1:], sids[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    if len(starts) == len(ids):
+        return sids, grads[order]
+    return sids[starts], np.add.reduceat(grads[order], starts, axis=0)
+
+
+class EmbeddingStore(ABC):
+    """One table's rows: lookup, server-side optimizer updates, durability, lifecycle.
+
+    Example:
+        >>> import numpy as np
+        >>> from recps.embedding import MemoryStore, TableConfig
+        >>> store = MemoryStore(TableConfig("item", dim=4))
+        >>> rows = store.lookup(np.array([7, 7, 9], dtype=np.int64))
+        >>> rows.shape
+        (3, 4)
+        >>> store.apply_gradients(np.array([7], dtype=np.int64), np.ones((1, 4), np.float32))
+        1
+    """
+
+    def __init__(self, config: TableConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.dim = config.dim
+        self.optimizer: SparseOptimizer = make_optimizer(config.optimizer)
+        self.state_width = self.optimizer.state_width(config.dim)
+        self.initializer = RowInitializer(config.name, config.dim, config.initializer)
+        self.admission = Admission(config.admission)
+        self._clock: Clock = clock or time.time
+        self._lock = threading.RLock()
+        self._closed = False
+        self._stats = StoreStats(table=config.name)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sweep = self._clock()
+
+    # ---- public API -------------------------------------------------------------------
+
+    def lookup(self, ids: np.ndarray, create_missing: bool = True) -> np.ndarray:
+        """Rows for ``ids`` (any int64 values, duplicates allowed) as float32 [n, dim].
+
+        Missing ids get their deterministic initial vector; with ``create_missing`` they
+        are also counted for admission and stored once admitted.
+        """
+        ids = self._check_ids(ids)
+        with self._lock:
+            self._check_open()
+            self._stats.lookups += 1
+            self._stats.rows_looked_up += len(ids)
+            return self._lookup(ids, create_missing)
+
+    def apply_gradients(self, ids: np.ndarray, grads: np.ndarray) -> int:
+        """Apply one gradient batch with the table's optimizer; returns rows updated.
+
+        Duplicate ids are summed first. NaN/Inf rows raise ``NonFiniteGradientError``
+        (store unchanged) unless the table says ``nonfinite="skip"``.
+        """
+        ids = self._check_ids(ids)
+        grads = self._check_grads(ids, grads)
+        finite = np.isfinite(grads).all(axis=1)
+        n_bad = int(len(finite) - np.count_nonzero(finite))
+        if n_bad and self.config.nonfinite == "reject":
+            raise NonFiniteGradientError(self.config.name, n_bad)
+        with self._lock:
+            self._check_open()
+            self._stats.pushes += 1
+            if n_bad:
+                self._stats.nonfinite_skipped += n_bad
+                ids, grads = ids[finite], grads[finite]
+            uids, gsum = unique_sum(ids, grads)
+            applied = self._apply(uids, gsum)
+            self._stats.rows_updated += applied
+            return applied
+
+    def flush(self) -> None:
+        """Make every applied update durable (in the RocksDB WAL for tiered stores)."""
+        with self._lock:
+            self._check_open()
+            self._flush()
+
+    def checkpoint(self, directory: str | Path) -> Path:
+        """A consistent point-in-time copy of the table (weights + optimizer state)."""
+        directory = Path(directory)
+        with self._lock:
+            self._check_open()
+            return self._checkpoint(directory)
+
+    def restore(self, directory: str | Path) -> None:
+        """Replace the table's contents with a checkpoint made by ``checkpoint``."""
+        with self._lock:
+            self._check_open()
+            self._restore(Path(directory))
+
+    def items(self, batch_size: int = 65536) -> Iterator[RowBatch]:
+        """Every stored row, in batches, sorted by id, from one consistent snapshot."""
+        return self._items(batch_size)
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return self._fill_stats(StoreStats(**{**self._stats.__dict__, "extra": {}}))
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete rows whose last update is older than the table's ``ttl_s``; returns count."""
+        ttl = self.config.expiry.ttl_s
+        if ttl is None:
+            return 0
+        with self._lock:
+            self._check_open()
+            now = self._clock() if now is None else now
+            self._last_sweep = now
+            n = self._expire(now - ttl)
+            self._stats.expired_rows += n
+            return n
+
+    def set_admission(self, admission: AdmissionConfig) -> None:
+        with self._lock:
+            self.config = self.config.replace(admission=admission)
+            self.admission.reconfigure(admission)
+            self._config_changed()
+
+    def set_expiry(self, expiry: ExpiryConfig) -> None:
+        with self._lock:
+            self.config = self.config.replace(expiry=expiry)
+            self._config_changed()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            if not self._closed:
+                self._close()
+                self._closed = True
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.stats().rows
+
+    # ---- shared helpers -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(self.config.name)
+
+    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
+        if not isinstance(ids, np.ndarray):
+            raise DtypeError("ids", type(ids).__name__, "a numpy int64 array")
+        if ids.dtype != np.int64:
+            if (ids.dtype.kind in "iu" and ids.dtype.itemsize <= 4) or ids.dtype == np.uint32:
+                ids = ids.astype(np.int64)  # lossless widening
+            else:
+                raise DtypeError("ids", ids.dtype, "int64")
+        if ids.ndim != 1:
+            raise ShapeError(f"ids must be 1-D, got shape {ids.shape}")
+        return np.ascontiguousarray(ids)
+
+    def _check_grads(self, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        if not isinstance(grads, np.ndarray):
+            raise DtypeError("grads", type(grads).__name__, "a numpy float32 array")
+        if grads.dtype.kind != "f":
+            raise DtypeError("grads", grads.dtype, "float32 (float16/float64 are converted)")
+        if grads.ndim != 2:
+            raise ShapeError(f"grads must be 2-D [n, {self.dim}], got shape {grads.shape}")
+        if grads.shape[1] != self.dim:
+            raise DimensionMismatchError("grads", self.dim, grads.shape[1])
+        if grads.shape[0] != len(ids):
+            raise LengthMismatchError(len(ids), grads.shape[0])
+        return np.ascontiguousarray(grads, dtype=np.float32)
+
+    def _admit_for_push(self, uids: np.ndarray) -> np.ndarray:
+        """Gradients may create rows only for ids that lookups have already admitted."""
+        ok = self.admission.admitted(uids)
+        self._stats.admission_dropped_grads += int(len(ok) - np.count_nonzero(ok))
+        return ok
+
+    def _admit_for_lookup(self, uids: np.ndarray) -> np.ndarray:
+        ok = self.admission.observe(uids)
+        self._stats.admission_rejected += int(len(ok) - np.count_nonzero(ok))
+        return ok
+
+    def _start_maintenance(self, interval_s: float | None) -> None:
+        """Background thread: periodic flush (subclass) and TTL sweeps."""
+        self._maintenance_interval_s = interval_s
+        self._thread = threading.Thread(
+            target=self._maintenance_loop, name=f"recps-store-{self.config.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _maintenance_loop(self) -> None:
+        while True:
+            expiry = self.config.expiry
+            waits = [expiry.sweep_interval_s if expiry.ttl_s else 3600.0]
+            if self._maintenance_interval_s:
+                waits.append(self._maintenance_interval_s)
+            if self._stop.wait(min(waits)):
+                return
+            try:
+                self._maintenance_tick()
+                if expiry.ttl_s and self._clock() - self._last_sweep >= expiry.sweep_interval_s:
+                    self.expire()
+            except StoreClosedError:
+                return
+
+    def _maintenance_tick(self) -> None:  # noqa: B027 - optional hook
+        """Periodic work of the subclass (e.g. write back dirty rows)."""
+
+    def _config_changed(self) -> None:  # noqa: B027 - optional hook
+        """Persist a runtime change of policy, where the subclass stores config."""
+
+    # ---- storage hooks ------------------------------------------------------------------
+
+    @abstractmethod
+    def _lookup(self, ids: np.ndarray, create_missing: bool) -> np.ndarray: ...
+
+    @abstractmethod
+    def _apply(self, uids: np.ndarray, gsum: np.ndarray) -> int: ...
+
+    @abstractmethod
+    def _flush(self) -> None: ...
+
+    @abstractmethod
+    def _checkpoint(self, directory: Path) -> Path: ...
+
+    @abstractmethod
+    def _restore(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def _items(self, batch_size: int) -> Iterator[RowBatch]: ...
+
+    @abstractmethod
+    def _expire(self, cutoff: float) -> int: ...
+
+    @abstractmethod
+    def _fill_stats(self, stats: StoreStats) -> StoreStats: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...

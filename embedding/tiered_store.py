@@ -1,0 +1,393 @@
+"""``TieredStore``: a bounded in-memory hot tier over a RocksDB table on local disk.
+
+Layout of ``path``::
+
+    path/ACTIVE         name of the live RocksDB generation (switched atomically)
+    path/gen-000001/    RocksDB: column family <table> (rows) + __recps_meta__
+
+``restore`` copies a checkpoint into a fresh generation directory and flips ACTIVE,
+so a crash mid-restore leaves the previous generation intact.
+
+Durability:
+    * ``async``: dirty rows reach the WAL on ``flush()``, on eviction, and every
+      ``flush_interval_ms`` from a background thread.
+    * ``sync``: each ``apply_gradients`` writes its updated rows to the WAL before it
+      returns.
+Either way a row's embedding, optimizer state, timestamp and count travel in one
+value of one WriteBatch, so they can never be torn apart (the DeepRec #1023 class of
+bug, where weights and slots were saved at different instants, cannot occur).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from recps.embedding.base import Clock, EmbeddingStore, RowBatch, StoreStats
+from recps.embedding.config import TableConfig, TieredStoreConfig
+from recps.embedding.errors import CheckpointError, ConfigError
+from recps.embedding.hot_tier import HotTier, put_rows, take_rows
+from recps.embedding.rocks import RocksTable
+from recps.embedding.rowcodec import RowCodec, decode_keys, encode_keys
+
+_ACTIVE = "ACTIVE"
+_MANIFEST = "manifest.json"
+_FORMAT = 1
+_WRITE_CHUNK = 65536
+# Fields that fix the stored row layout; changing them needs a migration, not a reopen.
+_LAYOUT_FIELDS = ("dim", "dtype")
+
+
+def _i64(n: int) -> bytes:
+    return int(n).to_bytes(8, "little", signed=True)
+
+
+class TieredStore(EmbeddingStore):
+    """A table far larger than RAM: hot rows in numpy arrays, the rest in RocksDB.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> from recps.embedding import TableConfig, TieredStore, TieredStoreConfig
+        >>> d = tempfile.mkdtemp()
+        >>> cfg = TieredStoreConfig(memory_budget_bytes=1 << 20)
+        >>> s = TieredStore(d, TableConfig("ads", dim=8), cfg)
+        >>> s.lookup(np.arange(10_000)).shape
+        (10000, 8)
+        >>> s.close()
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: TableConfig,
+        store_config: TieredStoreConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(config, clock)
+        self.path = Path(path)
+        self.store_config = store_config or TieredStoreConfig()
+        self.codec = RowCodec(config.dim, config.dtype, self.state_width)
+        self._open_generation(self._active_generation())
+        interval = self.store_config.flush_interval_ms / 1000.0
+        self._start_maintenance(interval)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def _active_generation(self) -> str:
+        self.path.mkdir(parents=True, exist_ok=True)
+        active = self.path / _ACTIVE
+        if active.exists():
+            return active.read_text().strip()
+        self._set_active("gen-000000")
+        return "gen-000000"
+
+    def _set_active(self, gen: str) -> None:
+        tmp = self.path / (_ACTIVE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(gen)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / _ACTIVE)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _open_generation(self, gen: str) -> None:
+        self._gen = gen
+        self._rocks = RocksTable(self.path / gen, self.config.name, self.store_config)
+        self._check_layout()
+        raw = self._rocks.get_meta(b"rows")
+        self._disk_rows = int.from_bytes(raw, "little", signed=True) if raw else 0
+        self.admission.load_bytes(self._rocks.get_meta(b"sketch") or b"")
+        self._hot = HotTier(
+            self.config.dim,
+            self.config.dtype,
+            self.state_width,
+            self.store_config.memory_budget_bytes,
+        )
+        self._chunk = max(1, self._hot.capacity // 2)
+        self._rocks.write(meta=self._meta_config())
+
+    def _check_layout(self) -> None:
+        raw = self._rocks.get_meta(b"config")
+        if not raw:
+            return
+        stored = json.loads(raw)
+        want = self.config.to_dict()
+        for f in _LAYOUT_FIELDS:
+            if stored.get(f) != want[f]:
+                raise ConfigError(
+                    f"table {self.config.name!r} at {self.path} was created with "
+                    f"{f}={stored.get(f)!r}, not {want[f]!r}; use a new path or migrate"
+                )
+        if stored["optimizer"]["kind"] != want["optimizer"]["kind"]:
+            raise ConfigError(
+                f"table {self.config.name!r} stores {stored['optimizer']['kind']} optimizer "
+                f"state; reopening with {want['optimizer']['kind']} would misread it"
+            )
+
+    def _meta_config(self) -> dict[bytes, bytes]:
+        return {
+            b"config": json.dumps(self.config.to_dict()).encode(),
+            b"format": _i64(_FORMAT),
+        }
+
+    def _config_changed(self) -> None:
+        self._rocks.write(meta=self._meta_config())
+
+    def _close(self) -> None:
+        self._flush()
+        self._rocks.write(meta={b"sketch": self.admission.to_bytes(), **self._meta_config()})
+        self._rocks.close()
+
+    def _maintenance_tick(self) -> None:
+        with self._lock:
+            self._check_open()
+            self._flush()
+
+    # ---- moving rows between tiers -------------------------------------------------------
+
+    def _write_rows(self, slots: np.ndarray, deletes: list[bytes] = ()) -> None:  # type: ignore[assignment]
+        """Write hot rows (and optional deletions) in one WAL batch; marks them clean."""
+        hot = self._hot
+        new = int(np.count_nonzero(~hot.on_disk[slots]))
+        keys = encode_keys(hot.row_id[slots])
+        vals = self.codec.pack(
+            hot.emb[slots], hot.state[slots], hot.updated_at[slots], hot.count[slots]
+        )
+        rows = self._disk_rows + new - len(deletes)
+        self._rocks.write(keys, vals, deletes, meta={b"rows": _i64(rows)})
+        self._disk_rows = rows
+        hot.dirty[slots] = False
+        hot.on_disk[slots] = True
+        self._stats.writebacks += len(slots)
+
+    def _evict(self, victims: np.ndarray) -> None:
+        dirty = victims[self._hot.dirty[victims]]
+        for i in range(0, len(dirty), _WRITE_CHUNK):
+            self._write_rows(dirty[i : i + _WRITE_CHUNK])
+        self._hot.remove(victims)
+        self._stats.evictions += len(victims)
+
+    def _bring_in(self, uids: np.ndarray, pinned: np.ndarray, mode: str) -> np.ndarray:
+        """Load or create rows for unique ids absent from the hot tier.
+
+        ``mode``: "create" (lookup that may admit), "peek" (lookup, never create),
+        "push" (gradient; creates only admitted ids). Returns slots, -1 where no row.
+        """
+        n = len(uids)
+        hot = self._hot
+        found = np.zeros(n, dtype=bool)
+        recs = None
+        if self._disk_rows > 0:
+            vals = self._rocks.multi_get(encode_keys(uids))
+            found = np.fromiter((v is not None for v in vals), dtype=bool, count=n)
+            if found.any():
+                recs = self.codec.unpack([v for v in vals if v is not None])
+        create = np.zeros(n, dtype=bool)
+        absent = np.flatnonzero(~found)
+        if len(absent) and mode != "peek":
+            admit = self._admit_for_lookup if mode == "create" else self._admit_for_push
+            create[absent] = admit(uids[absent])
+        bring = found | create
+        k = int(np.count_nonzero(bring))
+        out = np.full(n, -1, dtype=np.int64)
+        if k == 0:
+            return out
+        if hot.n_free < k:
+            hot.pinned[pinned] = True
+            try:
+                self._evict(hot.select_victims(k - hot.n_free))
+            finally:
+                hot.pinned[pinned] = False
+        slots = hot.insert(uids[bring])
+        out[bring] = slots
+        if recs is not None:
+            fs = out[found]
+            hot.emb[fs] = recs["emb"]
+            hot.state[fs] = recs["state"]
+            hot.updated_at[fs] = recs["updated_at"]
+            hot.count[fs] = recs["count"]
+            hot.on_disk[fs] = True
+        if create.any():
+            cs = out[create]
+            hot.emb[cs] = self.initializer(uids[create])
+            hot.state[cs] = self.optimizer.init_state(len(cs), self.dim)
+            hot.updated_at[cs] = self._clock()
+            hot.count[cs] = 0
+            hot.dirty[cs] = True
+        return out
+
+    def _chunked(self, fn: Callable[..., np.ndarray], ids: np.ndarray, *rest: np.ndarray) -> list:
+        c = self._chunk
+        return [fn(ids[i : i + c], *(r[i : i + c] for r in rest)) for i in range(0, len(ids), c)]
+
+    # ---- storage hooks ---------------------------------------------------------------------
+
+    def _lookup(self, ids: np.ndarray, create_missing: bool) -> np.ndarray:
+        if len(ids) > self._chunk:
+            parts = self._chunked(lambda x: self._lookup(x, create_missing), ids)
+            return np.concatenate(parts)
+        hot = self._hot
+        slots = hot.find(ids)
+        miss = slots < 0
+        nmiss = int(np.count_nonzero(miss))
+        if nmiss:
+            muids, inv = np.unique(ids[miss], return_inverse=True)
+            got = self._bring_in(muids, slots[~miss], "create" if create_missing else "peek")
+            slots[miss] = got[inv]
+        self._stats.hits += len(ids) - nmiss
+        self._stats.misses += nmiss
+        if nmiss and (slots < 0).any():
+            none = slots < 0
+            out = np.empty((len(ids), self.dim), dtype=np.float32)
+            out[none] = self.initializer(ids[none])
+            live = ~none
+            hot.touch(slots[live])
+            out[live] = hot.emb[slots[live]]
+            return out
+        hot.touch(slots)
+        out = take_rows(hot.emb, slots)
+        return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def _apply(self, uids: np.ndarray, gsum: np.ndarray) -> int:
+        if len(uids) > self._chunk:
+            return sum(self._chunked(self._apply, uids, gsum))
+        hot = self._hot
+        slots = hot.find(uids)
+        miss = slots < 0
+        if miss.any():
+            slots[miss] = self._bring_in(uids[miss], slots[~miss], "push")
+            live = slots >= 0
+            slots, gsum = slots[live], gsum[live]
+        w = take_rows(hot.emb, slots)
+        if w.dtype != np.float32:
+            w = w.astype(np.float32)
+        st = take_rows(hot.state, slots)
+        steps = hot.count[slots] + 1
+        self.optimizer.update(w, st, gsum, steps)
+        put_rows(hot.emb, slots, w)
+        put_rows(hot.state, slots, st)
+        hot.count[slots] = steps
+        hot.updated_at[slots] = self._clock()
+        hot.dirty[slots] = True
+        if self.store_config.durability == "sync":
+            self._write_rows(slots)
+        return len(slots)
+
+    def _flush(self) -> None:
+        dirty = np.flatnonzero(self._hot.dirty)
+        for i in range(0, len(dirty), _WRITE_CHUNK):
+            self._write_rows(dirty[i : i + _WRITE_CHUNK])
+
+    def _checkpoint(self, directory: Path) -> Path:
+        if directory.exists() and any(directory.iterdir()):
+            raise CheckpointError(f"checkpoint directory {directory} is not empty")
+        self._flush()
+        self._rocks.write(meta={b"sketch": self.admission.to_bytes(), **self._meta_config()})
+        self._rocks.checkpoint(directory / "rocksdb")
+        manifest = {
+            "format": _FORMAT,
+            "kind": "tiered",
+            "table": self.config.to_dict(),
+            "rows": self._disk_rows,
+            "created_at": time.time(),
+        }
+        (directory / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return directory
+
+    def _restore(self, directory: Path) -> None:
+        manifest_path = directory / _MANIFEST
+        if not manifest_path.exists() or not (directory / "rocksdb").is_dir():
+            raise CheckpointError(f"{directory} is not a TieredStore checkpoint")
+        manifest = json.loads(manifest_path.read_text())
+        stored = manifest["table"]
+        for f in _LAYOUT_FIELDS:
+            if stored[f] != getattr(self.config, f):
+                raise CheckpointError(
+                    f"checkpoint has {f}={stored[f]!r}, table has a different one"
+                )
+        n = int(self._gen.split("-")[1]) + 1
+        new_gen = f"gen-{n:06d}"
+        target = self.path / new_gen
+        if target.exists():
+            shutil.rmtree(target)
+        RocksTable.copy_dir(directory / "rocksdb", target)
+        old = self._gen
+        self._rocks.close()
+        self._set_active(new_gen)
+        self._open_generation(new_gen)
+        shutil.rmtree(self.path / old, ignore_errors=True)
+
+    def _items(self, batch_size: int) -> Iterator[RowBatch]:
+        with self._lock:
+            self._check_open()
+            self._flush()
+            batches = self._rocks.iter_rows(batch_size)
+            first = next(batches, None)  # the snapshot is taken here, under the lock
+        if first is None:
+            return
+        for keys, vals in _chain(first, batches):
+            rec = self.codec.unpack(vals)
+            yield RowBatch(
+                ids=decode_keys(keys),
+                weights=rec["emb"].astype(np.float32),
+                state=rec["state"].copy(),
+                updated_at=rec["updated_at"].copy(),
+                count=rec["count"].copy(),
+            )
+
+    def _expire(self, cutoff: float) -> int:
+        hot = self._hot
+        expired = np.flatnonzero(hot.occupied & (hot.updated_at < cutoff))
+        n = len(expired)
+        if n:
+            on_disk = expired[hot.on_disk[expired]]
+            if len(on_disk):
+                self._delete_keys(encode_keys(hot.row_id[on_disk]))
+            hot.remove(expired)
+        # Rows only on disk. The caller holds the store lock, so the snapshot agrees with
+        # the hot tier: a row that is in memory now is newer there and is skipped.
+        for keys, vals in self._rocks.iter_rows(_WRITE_CHUNK):
+            rec = self.codec.unpack(vals)
+            old = np.flatnonzero(rec["updated_at"] < cutoff)
+            if not len(old):
+                continue
+            ids = decode_keys([keys[i] for i in old])
+            ids = ids[hot.find(ids) < 0]
+            if len(ids):
+                self._delete_keys(encode_keys(ids))
+                n += len(ids)
+        return n
+
+    def _delete_keys(self, keys: list[bytes]) -> None:
+        rows = self._disk_rows - len(keys)
+        self._rocks.write(deletes=keys, meta={b"rows": _i64(rows)})
+        self._disk_rows = rows
+
+    def _fill_stats(self, stats: StoreStats) -> StoreStats:
+        hot = self._hot
+        stats.rows_in_memory = hot.size
+        stats.rows_on_disk = self._disk_rows
+        stats.rows = self._disk_rows + int(np.count_nonzero(hot.occupied & ~hot.on_disk))
+        stats.memory_bytes = hot.memory_bytes + self.admission.memory_bytes
+        stats.memory_budget_bytes = self.store_config.memory_budget_bytes
+        stats.disk_bytes = self._rocks.disk_bytes()
+        stats.extra = {
+            "hot_capacity_rows": hot.capacity,
+            "dirty_rows": int(np.count_nonzero(hot.dirty)),
+        }
+        return stats
+
+
+def _chain(first: tuple, rest: Iterator[tuple]) -> Iterator[tuple]:
+    yield first
+    yield from rest
