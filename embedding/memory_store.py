@@ -7,6 +7,7 @@ tiered store can be checked against it. It shares all semantics with the base cl
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,18 +149,39 @@ class MemoryStore(EmbeddingStore):
         path = directory / _CKPT_FILE
         if not path.exists():
             raise CheckpointError(f"no MemoryStore checkpoint at {path}")
-        with np.load(path) as z:
-            n = len(z["ids"])
-            self._n = 0
-            self._grow(n)
-            self._ids[:n], self._emb[:n], self._state[:n] = z["ids"], z["emb"], z["state"]
-            self._updated[:n], self._count[:n] = z["updated_at"], z["count"]
-            self.admission.load_bytes(z["sketch"].tobytes())
+        # Read and validate everything before touching live state, so a bad checkpoint
+        # leaves the store as it was.
+        try:
+            with np.load(path) as z:
+                data = {k: z[k] for k in z.files}
+            stored = json.loads(data["config"].tobytes())
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise CheckpointError(f"unreadable MemoryStore checkpoint at {path}: {e}") from e
+        want = self.config.to_dict()
+        for f in ("dim", "dtype"):
+            if stored.get(f) != want[f]:
+                raise CheckpointError(
+                    f"checkpoint at {directory} has {f}={stored.get(f)!r}, table has {want[f]!r}"
+                )
+        if stored.get("optimizer", {}).get("kind") != want["optimizer"]["kind"]:
+            raise CheckpointError(
+                f"checkpoint at {directory} holds {stored.get('optimizer', {}).get('kind')} "
+                f"optimizer state; table uses {want['optimizer']['kind']}"
+            )
+        n = len(data["ids"])
+        if data["state"].shape != (n, self.state_width) or data["emb"].shape != (n, self.dim):
+            raise CheckpointError(f"checkpoint at {directory} has inconsistent array shapes")
+        self._n = 0
+        self._grow(n)
+        self._ids[:n], self._emb[:n], self._state[:n] = data["ids"], data["emb"], data["state"]
+        self._updated[:n], self._count[:n] = data["updated_at"], data["count"]
+        self.admission.load_bytes(data["sketch"].tobytes())
         self._n = n
         self._index = {i: s for s, i in enumerate(self._ids[:n].tolist())}
 
     def _items(self, batch_size: int) -> Iterator[RowBatch]:
         with self._lock:
+            self._check_open()
             n = self._n
             order = np.argsort(self._ids[:n], kind="stable")
             snap = (

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 
 from recps.embedding.base import Clock, EmbeddingStore, RowBatch, StoreStats
 from recps.embedding.config import TableConfig, TieredStoreConfig
-from recps.embedding.errors import CheckpointError, ConfigError
+from recps.embedding.errors import CheckpointError, ConfigError, RecpsError
 from recps.embedding.hot_tier import HotTier, put_rows, take_rows
 from recps.embedding.rocks import RocksTable
 from recps.embedding.rowcodec import RowCodec, decode_keys, encode_keys
@@ -40,6 +41,9 @@ _ACTIVE = "ACTIVE"
 _MANIFEST = "manifest.json"
 _FORMAT = 1
 _WRITE_CHUNK = 65536
+# Background write-back packs this many rows under the store lock, then writes them
+# with the lock released, so training keeps running while RocksDB works.
+_BACKGROUND_CHUNK = 8192
 # Fields that fix the stored row layout; changing them needs a migration, not a reopen.
 _LAYOUT_FIELDS = ("dim", "dtype")
 
@@ -70,6 +74,7 @@ class TieredStore(EmbeddingStore):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(config, clock)
+        self._write_lock = threading.Lock()
         self.path = Path(path)
         self.store_config = store_config or TieredStoreConfig()
         self.codec = RowCodec(config.dim, config.dtype, self.state_width)
@@ -101,9 +106,14 @@ class TieredStore(EmbeddingStore):
             os.close(fd)
 
     def _open_generation(self, gen: str) -> None:
+        rocks = RocksTable(self.path / gen, self.config.name, self.store_config)
+        try:
+            self._check_layout(rocks.get_meta(b"config"), ConfigError)
+        except BaseException:
+            rocks.close()  # a held LOCK would block the next, correct, open
+            raise
         self._gen = gen
-        self._rocks = RocksTable(self.path / gen, self.config.name, self.store_config)
-        self._check_layout()
+        self._rocks = rocks
         raw = self._rocks.get_meta(b"rows")
         self._disk_rows = int.from_bytes(raw, "little", signed=True) if raw else 0
         self.admission.load_bytes(self._rocks.get_meta(b"sketch") or b"")
@@ -114,24 +124,28 @@ class TieredStore(EmbeddingStore):
             self.store_config.memory_budget_bytes,
         )
         self._chunk = max(1, self._hot.capacity // 2)
-        self._rocks.write(meta=self._meta_config())
+        self._rocks_write(meta=self._meta_config())
 
-    def _check_layout(self) -> None:
-        raw = self._rocks.get_meta(b"config")
+    def _check_layout(
+        self, raw: bytes | None, error: type[RecpsError], where: Path | None = None
+    ) -> None:
+        """Refuse stored rows whose layout (dim, dtype, optimizer state) differs from ours."""
         if not raw:
             return
+        where = where or self.path
         stored = json.loads(raw)
         want = self.config.to_dict()
         for f in _LAYOUT_FIELDS:
             if stored.get(f) != want[f]:
-                raise ConfigError(
-                    f"table {self.config.name!r} at {self.path} was created with "
+                raise error(
+                    f"table {self.config.name!r} at {where} was created with "
                     f"{f}={stored.get(f)!r}, not {want[f]!r}; use a new path or migrate"
                 )
-        if stored["optimizer"]["kind"] != want["optimizer"]["kind"]:
-            raise ConfigError(
-                f"table {self.config.name!r} stores {stored['optimizer']['kind']} optimizer "
-                f"state; reopening with {want['optimizer']['kind']} would misread it"
+        kind = stored.get("optimizer", {}).get("kind")
+        if kind != want["optimizer"]["kind"]:
+            raise error(
+                f"table {self.config.name!r} at {where} stores {kind} optimizer "
+                f"state; opening it with {want['optimizer']['kind']} would misread it"
             )
 
     def _meta_config(self) -> dict[bytes, bytes]:
@@ -141,34 +155,71 @@ class TieredStore(EmbeddingStore):
         }
 
     def _config_changed(self) -> None:
-        self._rocks.write(meta=self._meta_config())
+        self._rocks_write(meta=self._meta_config())
+
+    def _rocks_write(self, *args: object, **kwargs: object) -> None:
+        """Every RocksDB write goes through the write lock, which orders it after any
+        background write-back in flight. Lock order: store lock, then write lock."""
+        with self._write_lock:
+            self._rocks.write(*args, **kwargs)  # type: ignore[arg-type]
 
     def _close(self) -> None:
         self._flush()
-        self._rocks.write(meta={b"sketch": self.admission.to_bytes(), **self._meta_config()})
+        self._rocks_write(meta={b"sketch": self.admission.to_bytes(), **self._meta_config()})
         self._rocks.close()
 
     def _maintenance_tick(self) -> None:
-        with self._lock:
-            self._check_open()
-            self._flush()
+        """Write back dirty rows in chunks without holding the store lock during I/O.
+
+        A chunk is packed and marked clean under the store lock, with the write lock
+        taken before the store lock is released: any later write of the same rows
+        (eviction, flush, sync push) waits for this one, so RocksDB never sees an older
+        value land after a newer one.
+        """
+        while not self._stop.is_set():
+            with self._lock:
+                self._check_open()
+                dirty = np.flatnonzero(self._hot.dirty)[:_BACKGROUND_CHUNK]
+                if not len(dirty):
+                    return
+                self._write_lock.acquire()
+                try:
+                    batch = self._pack_rows(dirty)
+                except BaseException:
+                    self._write_lock.release()
+                    raise
+            try:
+                self._rocks.write(*batch[:3], meta=batch[3])
+            except BaseException:
+                with self._lock:  # nothing reached disk: the rows are dirty again
+                    self._hot.dirty[dirty] = True
+                raise
+            finally:
+                self._write_lock.release()
 
     # ---- moving rows between tiers -------------------------------------------------------
 
-    def _write_rows(self, slots: np.ndarray, deletes: list[bytes] = ()) -> None:  # type: ignore[assignment]
-        """Write hot rows (and optional deletions) in one WAL batch; marks them clean."""
+    def _pack_rows(
+        self, slots: np.ndarray, deletes: list[bytes] = ()  # type: ignore[assignment]
+    ) -> tuple[list[bytes], list[bytes], list[bytes], dict[bytes, bytes]]:
+        """Encode hot rows for one WriteBatch and mark them clean (caller writes it)."""
         hot = self._hot
         new = int(np.count_nonzero(~hot.on_disk[slots]))
         keys = encode_keys(hot.row_id[slots])
         vals = self.codec.pack(
             hot.emb[slots], hot.state[slots], hot.updated_at[slots], hot.count[slots]
         )
-        rows = self._disk_rows + new - len(deletes)
-        self._rocks.write(keys, vals, deletes, meta={b"rows": _i64(rows)})
-        self._disk_rows = rows
+        self._disk_rows += new - len(deletes)
         hot.dirty[slots] = False
         hot.on_disk[slots] = True
         self._stats.writebacks += len(slots)
+        return keys, vals, list(deletes), {b"rows": _i64(self._disk_rows)}
+
+    def _write_rows(self, slots: np.ndarray, deletes: list[bytes] = ()) -> None:  # type: ignore[assignment]
+        """Write hot rows (and optional deletions) in one WAL batch; marks them clean."""
+        with self._write_lock:
+            keys, vals, dels, meta = self._pack_rows(slots, deletes)
+            self._rocks.write(keys, vals, dels, meta=meta)
 
     def _evict(self, victims: np.ndarray) -> None:
         dirty = victims[self._hot.dirty[victims]]
@@ -292,8 +343,9 @@ class TieredStore(EmbeddingStore):
         if directory.exists() and any(directory.iterdir()):
             raise CheckpointError(f"checkpoint directory {directory} is not empty")
         self._flush()
-        self._rocks.write(meta={b"sketch": self.admission.to_bytes(), **self._meta_config()})
-        self._rocks.checkpoint(directory / "rocksdb")
+        self._rocks_write(meta={b"sketch": self.admission.to_bytes(), **self._meta_config()})
+        with self._write_lock:
+            self._rocks.checkpoint(directory / "rocksdb")
         manifest = {
             "format": _FORMAT,
             "kind": "tiered",
@@ -306,23 +358,39 @@ class TieredStore(EmbeddingStore):
 
     def _restore(self, directory: Path) -> None:
         manifest_path = directory / _MANIFEST
-        if not manifest_path.exists() or not (directory / "rocksdb").is_dir():
+        data = directory / "rocksdb"
+        if not manifest_path.exists() or not (data / "CURRENT").is_file():
             raise CheckpointError(f"{directory} is not a TieredStore checkpoint")
-        manifest = json.loads(manifest_path.read_text())
-        stored = manifest["table"]
-        for f in _LAYOUT_FIELDS:
-            if stored[f] != getattr(self.config, f):
-                raise CheckpointError(
-                    f"checkpoint has {f}={stored[f]!r}, table has a different one"
-                )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            stored = manifest["table"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"unreadable checkpoint manifest in {directory}: {e}") from e
+        self._check_layout(json.dumps(stored).encode(), CheckpointError, directory)
         n = int(self._gen.split("-")[1]) + 1
         new_gen = f"gen-{n:06d}"
         target = self.path / new_gen
         if target.exists():
             shutil.rmtree(target)
-        RocksTable.copy_dir(directory / "rocksdb", target)
+        RocksTable.copy_dir(data, target)
+        # Open the copy before giving up the live generation: a checkpoint whose files or
+        # stored config do not match must leave the store exactly as it was.
+        try:
+            probe = RocksTable(target, self.config.name, self.store_config)
+            try:
+                self._check_layout(probe.get_meta(b"config"), CheckpointError, directory)
+                if probe.get_meta(b"config") is None:
+                    raise CheckpointError(f"checkpoint {directory} holds no table data")
+            finally:
+                probe.close()
+        except RecpsError as e:
+            shutil.rmtree(target, ignore_errors=True)
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot open checkpoint {directory}: {e}") from e
         old = self._gen
-        self._rocks.close()
+        with self._write_lock:  # let a background write-back in flight finish first
+            self._rocks.close()
         self._set_active(new_gen)
         self._open_generation(new_gen)
         shutil.rmtree(self.path / old, ignore_errors=True)
@@ -370,7 +438,7 @@ class TieredStore(EmbeddingStore):
 
     def _delete_keys(self, keys: list[bytes]) -> None:
         rows = self._disk_rows - len(keys)
-        self._rocks.write(deletes=keys, meta={b"rows": _i64(rows)})
+        self._rocks_write(deletes=keys, meta={b"rows": _i64(rows)})
         self._disk_rows = rows
 
     def _fill_stats(self, stats: StoreStats) -> StoreStats:
@@ -380,7 +448,7 @@ class TieredStore(EmbeddingStore):
         stats.rows = self._disk_rows + int(np.count_nonzero(hot.occupied & ~hot.on_disk))
         stats.memory_bytes = hot.memory_bytes + self.admission.memory_bytes
         stats.memory_budget_bytes = self.store_config.memory_budget_bytes
-        stats.disk_bytes = self._rocks.disk_bytes()
+        stats.disk_bytes = 0 if self._closed else self._rocks.disk_bytes()
         stats.extra = {
             "hot_capacity_rows": hot.capacity,
             "dirty_rows": int(np.count_nonzero(hot.dirty)),
