@@ -21,6 +21,18 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import store_demo
 
     store_demo.add_parser(demo_sub)
+
+    ps = sub.add_parser("ps", help="parameter-server shard processes")
+    ps_sub = ps.add_subparsers(dest="ps", metavar="ACTION", required=True)
+    start = ps_sub.add_parser(
+        "start",
+        help="run one shard in the foreground",
+        epilog="Example: recps ps start --data-dir /data/shard0 --shard-id 0 --port 7001",
+    )
+    from recps.ps import main as ps_main
+
+    ps_main.add_arguments(start)
+    start.set_defaults(func=lambda a: ps_main.run(ps_main.config_from_args(a)))
     return parser
 
 

@@ -71,6 +71,11 @@ class ParameterServerStub:
                 request_serializer=recps_dot_proto_dot_ps__pb2.GetShardMapRequest.SerializeToString,
                 response_deserializer=recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
                 _registered_method=True)
+        self.UpdateShardMap = channel.unary_unary(
+                '/recps.ps.v1.ParameterServer/UpdateShardMap',
+                request_serializer=recps_dot_proto_dot_ps__pb2.ShardMap.SerializeToString,
+                response_deserializer=recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -127,6 +132,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateShardMap(self, request, context):
+        """Installs a newer shard map (ops tooling); an epoch not above the current one is
+        refused with FAILED_PRECONDITION. Returns the map now in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +176,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'GetShardMap': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShardMap,
                     request_deserializer=recps_dot_proto_dot_ps__pb2.GetShardMapRequest.FromString,
+                    response_serializer=recps_dot_proto_dot_ps__pb2.ShardMap.SerializeToString,
+            ),
+            'UpdateShardMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateShardMap,
+                    request_deserializer=recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
                     response_serializer=recps_dot_proto_dot_ps__pb2.ShardMap.SerializeToString,
             ),
     }
@@ -356,6 +374,33 @@ class ParameterServer:
             target,
             '/recps.ps.v1.ParameterServer/GetShardMap',
             recps_dot_proto_dot_ps__pb2.GetShardMapRequest.SerializeToString,
+            recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateShardMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recps.ps.v1.ParameterServer/UpdateShardMap',
+            recps_dot_proto_dot_ps__pb2.ShardMap.SerializeToString,
             recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,447 @@
+"""``PSClient``: batched, sharded, retrying access to the parameter servers.
+
+One call covers many tables. Per table the client deduplicates ids (unique + inverse),
+routes the unique ids by hash slot, sends **one RPC per shard** for all tables at once,
+fans the RPCs out concurrently (gRPC futures, no Python threads), and reassembles rows
+in the caller's order.
+
+Failures: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried with
+exponential backoff; a stale shard map (FAILED_PRECONDITION with an epoch) refreshes the
+map and re-routes only the refused part. Anything else raises the matching
+:class:`RecpsError` subclass at once.
+
+Pushes are idempotent: each per-shard payload carries (client_id, seq); a retry of the
+same payload reuses its seq, so the shard applies it exactly once.
+
+Example:
+    >>> client = PSClient(["127.0.0.1:7001", "127.0.0.1:7002"])  # doctest: +SKIP
+    >>> client.create_table(TableConfig("user", dim=16))  # doctest: +SKIP
+    >>> rows = client.lookup({"user": np.array([3, 1, 3])})["user"]  # doctest: +SKIP
+    >>> client.push({"user": (np.array([3]), np.ones((1, 16), np.float32))})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from recps.embedding import errors as E
+from recps.embedding.base import unique_sum
+from recps.embedding.config import TableConfig
+from recps.proto import ps_pb2, ps_pb2_grpc
+from recps.ps import wire
+from recps.ps.config import ClientConfig
+from recps.ps.errors import from_rpc_error
+from recps.ps.routing import ShardMap
+
+_RETRY = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_STALE = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _as_ids(ids: Any) -> np.ndarray:
+    if hasattr(ids, "detach"):  # torch.Tensor, without importing torch
+        ids = ids.detach().cpu().numpy()
+    a = np.asarray(ids)
+    if a.dtype.kind not in "iu":
+        raise E.DtypeError("ids", a.dtype, "int64")
+    return np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+
+
+def _as_grads(g: Any) -> np.ndarray:
+    if hasattr(g, "detach"):
+        g = g.detach().cpu().numpy()
+    a = np.asarray(g)
+    if a.dtype.kind != "f":
+        raise E.DtypeError("grads", a.dtype, "float32")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+@dataclass
+class _Part:
+    """What one shard gets for one table: positions into the table's unique ids."""
+
+    table: str
+    idx: np.ndarray
+
+
+class PSClient:
+    """Client of a sharded recps parameter-server cluster. Thread-safe.
+
+    ``cluster``: a :class:`ShardMap`, a list of shard addresses (the map is fetched from
+    them), or the path of a cluster file written by ``recps cluster up``.
+    """
+
+    def __init__(
+        self, cluster: ShardMap | list[str] | str | Path, config: ClientConfig | None = None
+    ) -> None:
+        self.config = config or ClientConfig()
+        self.client_id = self.config.client_id or uuid.uuid4().hex
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._channels: dict[str, tuple[grpc.Channel, ps_pb2_grpc.ParameterServerStub]] = {}
+        self._dims: dict[str, int] = {}
+        self._seeds: list[str] = []
+        self._cluster_file: Path | None = None
+        if isinstance(cluster, ShardMap):
+            self._map = cluster
+            self._seeds = list(cluster.shards.values())
+        elif isinstance(cluster, (str, Path)):
+            self._cluster_file = Path(cluster)
+            self._map = self._read_cluster_file()
+            self._seeds = list(self._map.shards.values())
+        else:
+            self._seeds = list(cluster)
+            self._map = self._fetch_map(self._seeds)
+
+    # ---- channels and maps ---------------------------------------------------------------
+
+    @property
+    def shard_map(self) -> ShardMap:
+        return self._map
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        if self.config.auth_token:
+            return (("authorization", f"Bearer {self.config.auth_token}"),)
+        return None
+
+    def _stub(self, address: str) -> ps_pb2_grpc.ParameterServerStub:
+        entry = self._channels.get(address)
+        if entry is None:
+            with self._lock:
+                entry = self._channels.get(address)
+                if entry is None:
+                    entry = self._open(address)
+                    self._channels[address] = entry
+        return entry[1]
+
+    def _open(self, address: str) -> tuple[grpc.Channel, ps_pb2_grpc.ParameterServerStub]:
+        c = self.config
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.enable_retries", 0),  # retries are ours: they must reuse push seqs
+        ]
+        if c.server_name_override:
+            opts.append(("grpc.ssl_target_name_override", c.server_name_override))
+        if c.tls is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=c.tls.read("ca_file"),
+                private_key=c.tls.read("key_file"),
+                certificate_chain=c.tls.read("cert_file"),
+            )
+            ch = grpc.secure_channel(address, creds, options=opts)
+        else:
+            ch = grpc.insecure_channel(address, options=opts)
+        return ch, ps_pb2_grpc.ParameterServerStub(ch)
+
+    def _read_cluster_file(self) -> ShardMap:
+        assert self._cluster_file is not None
+        try:
+            return ShardMap.from_dict(json.loads(self._cluster_file.read_text())["shard_map"])
+        except (OSError, ValueError, KeyError) as e:
+            raise E.ConfigError(f"cannot read cluster file {self._cluster_file}: {e}") from e
+
+    def _fetch_map(self, addresses: Iterable[str]) -> ShardMap:
+        """The newest map any reachable shard knows (shards learn maps from ops tooling)."""
+        best: ShardMap | None = None
+        errors = []
+        for addr in addresses:
+            try:
+                msg = self._stub(addr).GetShardMap(
+                    ps_pb2.GetShardMapRequest(),
+                    timeout=min(self.config.timeout_s, 5.0),
+                    metadata=self._metadata(),
+                )
+            except grpc.RpcError as e:
+                errors.append(from_rpc_error(e, addr))
+                continue
+            m = ShardMap.from_proto(msg)
+            if best is None or m.epoch > best.epoch:
+                best = m
+        if best is None:
+            raise E.ShardUnavailableError(f"no shard answered GetShardMap: {errors}")
+        if best.epoch == 0 and len(self._seeds) == 1:
+            # A lone shard that was never given a map: it owns everything at its address.
+            best = best.replace(epoch=0, shards={k: self._seeds[0] for k in best.shards})
+        return best
+
+    def refresh_shard_map(self) -> ShardMap:
+        """Re-read the map (cluster file, then the shards); keeps the newest one seen."""
+        candidates = [self._map]
+        if self._cluster_file is not None:
+            with contextlib.suppress(E.ConfigError):
+                candidates.append(self._read_cluster_file())
+        seeds = {*self._seeds, *(a for m in candidates for a in m.shards.values())}
+        with contextlib.suppress(E.ShardUnavailableError):
+            candidates.append(self._fetch_map(sorted(seeds)))
+        newest = max(candidates, key=lambda m: m.epoch)
+        with self._lock:
+            if newest.epoch > self._map.epoch:
+                self._map = newest
+        return self._map
+
+    def close(self) -> None:
+        with self._lock:
+            for ch, _ in self._channels.values():
+                ch.close()
+            self._channels.clear()
+
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the scatter/gather engine ----------------------------------------------------------
+
+    def _route(
+        self, tables: Mapping[str, np.ndarray], pending: Mapping[str, np.ndarray]
+    ) -> dict[int, list[_Part]]:
+        """Group the pending positions of each table's unique ids by owning shard."""
+        m = self._map
+        out: dict[int, list[_Part]] = {}
+        for name, idx in pending.items():
+            if not len(idx):
+                continue
+            owners = m.owners(name, tables[name][idx])
+            order = np.argsort(owners, kind="stable")
+            cuts = np.flatnonzero(np.diff(owners[order])) + 1
+            for chunk in np.split(order, cuts):
+                out.setdefault(int(owners[chunk[0]]), []).append(_Part(name, idx[chunk]))
+        return out
+
+    def _scatter(
+        self,
+        uniq: Mapping[str, np.ndarray],
+        call: str,
+        build: Callable[[list[_Part], int], Any],
+        on_result: Callable[[list[_Part], Any], None],
+        reuse_key: Callable[[int, list[_Part]], Any] | None = None,
+    ) -> None:
+        """Send every table's unique ids to their owners until all are answered."""
+        pending = {t: np.arange(len(ids)) for t, ids in uniq.items()}
+        c = self.config
+        delay = c.backoff_initial_s
+        last: E.RecpsError | None = None
+        for attempt in range(c.max_retries + 1):
+            routed = self._route(uniq, pending)
+            if not routed:
+                return
+            m = self._map
+            calls = []
+            for shard, parts in routed.items():
+                addr = m.shards[shard]
+                req = build(parts, m.epoch)
+                fut = getattr(self._stub(addr), call).future(
+                    req, timeout=c.timeout_s, metadata=self._metadata()
+                )
+                calls.append((shard, addr, parts, fut))
+            stale = False
+            failed: dict[str, list[np.ndarray]] = {}
+            for shard, addr, parts, fut in calls:
+                try:
+                    resp = fut.result()
+                except grpc.RpcError as e:
+                    code = e.code()
+                    err = from_rpc_error(e, f"{call} to shard {shard} at {addr}")
+                    if code == _STALE and isinstance(err, E.StaleShardMapError):
+                        stale = True
+                    elif code not in _RETRY:
+                        raise err from None
+                    last = err
+                    for p in parts:
+                        failed.setdefault(p.table, []).append(p.idx)
+                    continue
+                on_result(parts, resp)
+            if not failed:
+                return
+            pending = {t: np.concatenate(v) for t, v in failed.items()}
+            if attempt == c.max_retries:
+                break
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, c.backoff_max_s)
+            if stale or attempt >= 1:
+                self.refresh_shard_map()
+        assert last is not None
+        raise last
+
+    # ---- data plane ------------------------------------------------------------------------
+
+    def lookup(
+        self,
+        batch: Mapping[str, Any],
+        create_missing: bool = True,
+        dtype: str = "float32",
+    ) -> dict[str, np.ndarray]:
+        """Rows for ids of several tables: ``{table: ids}`` -> ``{table: float32 [n, dim]}``.
+
+        ``create_missing=False`` (serving) returns initial vectors for unknown ids without
+        storing them. ``dtype="float16"`` halves the bytes on the wire.
+        """
+        want = wire.STORAGE_TO_WIRE[dtype]
+        ids = {t: _as_ids(v) for t, v in batch.items()}
+        uniq: dict[str, np.ndarray] = {}
+        inverse: dict[str, np.ndarray] = {}
+        for t, a in ids.items():
+            uniq[t], inverse[t] = np.unique(a, return_inverse=True)
+        rows: dict[str, np.ndarray | None] = {t: None for t in ids}
+
+        def build(parts: list[_Part], epoch: int) -> ps_pb2.LookupRequest:
+            return ps_pb2.LookupRequest(
+                shard_map_epoch=epoch,
+                tables=[
+                    ps_pb2.TableIds(table=p.table, ids=wire.encode_ids(uniq[p.table][p.idx]))
+                    for p in parts
+                ],
+                create_missing=create_missing,
+                want_dtype=want,
+            )
+
+        def on_result(parts: list[_Part], resp: ps_pb2.LookupResponse) -> None:
+            for p, tr in zip(parts, resp.tables):
+                got = wire.decode_rows(tr.rows, len(p.idx), tr.dim, tr.dtype, f"{p.table} rows")
+                out = rows[p.table]
+                if out is None:
+                    out = rows[p.table] = np.empty((len(uniq[p.table]), tr.dim), np.float32)
+                    self._dims[p.table] = tr.dim
+                out[p.idx] = got
+
+        self._for_chunks(uniq, lambda u: self._scatter(u, "Lookup", build, on_result))
+        result = {}
+        for t in ids:
+            r = rows[t]
+            if r is None:  # no ids for this table
+                r = np.empty((0, self._dims.get(t, 0)), np.float32)
+            result[t] = r.take(inverse[t], axis=0) if len(inverse[t]) else r[:0]
+        return result
+
+    def push(self, grads: Mapping[str, tuple[Any, Any]], wait_durable: bool = False) -> int:
+        """Apply gradients ``{table: (ids, grads [n, dim])}``; duplicate ids are summed here.
+
+        Returns the rows updated across shards. ``wait_durable`` returns only once the
+        update is in each shard's write-ahead log.
+        """
+        uniq: dict[str, np.ndarray] = {}
+        sums: dict[str, np.ndarray] = {}
+        for t, (i, g) in grads.items():
+            a, ga = _as_ids(i), _as_grads(g)
+            if ga.ndim != 2 or len(ga) != len(a):
+                raise E.LengthMismatchError(len(a), len(ga) if ga.ndim else 0)
+            uniq[t], sums[t] = unique_sum(a, ga)
+        applied = [0]
+        seqs: dict[tuple[int, tuple[tuple[str, int, int], ...]], int] = {}
+
+        def build(parts: list[_Part], epoch: int) -> ps_pb2.PushRequest:
+            # The same payload retried gets the same seq; a re-routed payload a new one.
+            key = tuple((p.table, int(p.idx[0]), len(p.idx)) for p in parts)
+            seq = seqs.get((epoch, key))
+            if seq is None:
+                seq = seqs[(epoch, key)] = next(self._seq)
+            return ps_pb2.PushRequest(
+                client_id=self.client_id,
+                seq=seq,
+                shard_map_epoch=epoch,
+                wait_durable=wait_durable,
+                tables=[
+                    ps_pb2.TableGrads(
+                        table=p.table,
+                        ids=wire.encode_ids(uniq[p.table][p.idx]),
+                        grads=np.ascontiguousarray(sums[p.table][p.idx]).tobytes(),
+                        dim=sums[p.table].shape[1],
+                        dtype=ps_pb2.FLOAT32,
+                    )
+                    for p in parts
+                ],
+            )
+
+        def on_result(parts: list[_Part], resp: ps_pb2.PushResponse) -> None:
+            applied[0] += resp.applied_rows
+
+        self._for_chunks(uniq, lambda u: self._scatter(u, "Push", build, on_result), sums)
+        return applied[0]
+
+    def _for_chunks(
+        self,
+        uniq: dict[str, np.ndarray],
+        fn: Callable[[dict[str, np.ndarray]], None],
+        sums: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Split huge batches so no single message exceeds the size limits."""
+        limit = self.config.max_ids_per_request
+        if sum(len(v) for v in uniq.values()) <= limit:
+            fn(uniq)
+            return
+        raise E.InvalidArgumentError(
+            f"batch of {sum(len(v) for v in uniq.values())} unique ids exceeds "
+            f"max_ids_per_request={limit}; split it"
+        )
+
+    # ---- control plane ---------------------------------------------------------------------
+
+    def _each_shard(self, call: str, request: Any, timeout: float | None = None) -> dict[int, Any]:
+        """The same request to every shard, concurrently; raises the first error."""
+        m = self._map
+        futs = {
+            sid: getattr(self._stub(addr), call).future(
+                request, timeout=timeout or self.config.timeout_s, metadata=self._metadata()
+            )
+            for sid, addr in sorted(m.shards.items())
+        }
+        out = {}
+        for sid, f in futs.items():
+            try:
+                out[sid] = f.result()
+            except grpc.RpcError as e:
+                raise from_rpc_error(e, f"{call} on shard {sid} at {m.shards[sid]}") from None
+        return out
+
+    def create_table(self, config: TableConfig, if_not_exists: bool = True) -> None:
+        """Create the table on every shard (each holds its own slots' rows)."""
+        req = ps_pb2.CreateTableRequest(
+            spec=wire.spec_from_config(config), if_not_exists=if_not_exists
+        )
+        self._each_shard("CreateTable", req)
+        self._dims[config.name] = config.dim
+
+    def list_tables(self) -> list[TableConfig]:
+        resp = self._each_shard("ListTables", ps_pb2.ListTablesRequest())
+        first = resp[min(resp)]
+        return [wire.config_from_spec(s) for s in first.tables]
+
+    def stats(self) -> dict[int, ps_pb2.StatsResponse]:
+        return self._each_shard("Stats", ps_pb2.StatsRequest())
+
+    def checkpoint(self, directory: str, tag: str = "") -> dict[int, ps_pb2.CheckpointResponse]:
+        """A checkpoint of every shard under ``directory/tag/shard-N``."""
+        tag = tag or time.strftime("ckpt-%Y%m%d-%H%M%S")
+        return self._each_shard(
+            "Checkpoint", ps_pb2.CheckpointRequest(dir=directory, tag=tag), timeout=3600
+        )
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until every shard answers (after a restart, say)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._each_shard("GetShardMap", ps_pb2.GetShardMapRequest(), timeout=1.0)
+                return
+            except E.RecpsError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

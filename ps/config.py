@@ -1,0 +1,93 @@
+"""Frozen configs of the parameter-server process and its client.
+
+Example:
+    >>> cfg = ServerConfig(data_dir="/tmp/shard0")
+    >>> cfg.host, cfg.port
+    ('127.0.0.1', 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recps.embedding.config import TieredStoreConfig
+from recps.embedding.errors import ConfigError
+from recps.ps.routing import DEFAULT_NUM_SLOTS
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server side: ``cert_file`` + ``key_file``; set ``client_ca_file`` to require mTLS.
+    Client side: ``ca_file`` to trust the server; ``cert_file`` + ``key_file`` for mTLS."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None  # client: roots that sign the server certificate
+    client_ca_file: str | None = None  # server: roots that sign client certificates (mTLS)
+
+    def read(self, name: str) -> bytes | None:
+        path = getattr(self, name)
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read TLS {name} {path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One shard process. ``port=0`` binds an ephemeral port (tests)."""
+
+    data_dir: str
+    shard_id: int = 0
+    host: str = "127.0.0.1"  # loopback unless an operator opens it up on purpose
+    port: int = 0
+    num_slots: int = DEFAULT_NUM_SLOTS
+    store: TieredStoreConfig = field(default_factory=TieredStoreConfig)  # per table
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Requests beyond this many in flight get RESOURCE_EXHAUSTED at once (back-pressure)
+    # instead of queueing without bound.
+    max_concurrent_rpcs: int = 64
+    max_workers: int = 8
+    tls: TlsConfig | None = None
+    auth_token: str | None = None  # bearer token required in call metadata when set
+    metrics_port: int | None = None  # None: no Prometheus endpoint; 0: ephemeral
+    dedup_window: int = 8192  # recent push sequence numbers remembered per client
+    slot_scan_interval_s: float = 60.0  # how stale per-slot row counts may get
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard_id < 0xFFFF:
+            raise ConfigError(f"shard_id must be in [0, 65535), got {self.shard_id}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_message_bytes < 1 << 20:
+            raise ConfigError("max_message_bytes must be >= 1 MiB")
+        if self.max_concurrent_rpcs < 1 or self.max_workers < 1:
+            raise ConfigError("max_concurrent_rpcs and max_workers must be >= 1")
+        if self.tls is not None and not (self.tls.cert_file and self.tls.key_file):
+            raise ConfigError("server TLS needs cert_file and key_file")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a :class:`PSClient` talks to the shards."""
+
+    timeout_s: float = 30.0  # deadline of every RPC
+    max_retries: int = 10  # on UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, stale map
+    backoff_initial_s: float = 0.02
+    backoff_max_s: float = 1.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_ids_per_request: int = 1 << 20  # larger batches are split into several RPCs
+    tls: TlsConfig | None = None
+    auth_token: str | None = None
+    client_id: str | None = None  # None: a random id per client (idempotent pushes)
+    server_name_override: str | None = None  # TLS: expected name in the server certificate
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.max_retries < 0:
+            raise ConfigError("timeout_s must be > 0 and max_retries >= 0")

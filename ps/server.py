@@ -1,0 +1,584 @@
+"""The parameter-server shard: a gRPC service over one ``TieredStore`` per table.
+
+One process serves one shard. Its data directory holds everything needed to restart it::
+
+    data_dir/tables.json       table configs (created through CreateTable)
+    data_dir/shard_map.json    the routing map this shard believes in
+    data_dir/dedup.json        push sequence high-water marks (saved on clean shutdown)
+    data_dir/server.json       address, port and pid of the running process
+    data_dir/tables/<name>/    the table's TieredStore (RocksDB)
+
+Concurrency: gRPC's thread pool runs requests in parallel; each table has its own store
+lock, so there is no global lock. A shard-wide reader/writer gate lets pushes run
+together but gives checkpoints a quiet instant across all tables.
+
+Example:
+    >>> import tempfile
+    >>> server, port = create_server(ServerConfig(data_dir=tempfile.mkdtemp()))
+    >>> port > 0
+    True
+    >>> server.stop()
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recps.embedding import errors as E
+from recps.embedding.config import TableConfig
+from recps.embedding.tiered_store import TieredStore
+from recps.proto import ps_pb2, ps_pb2_grpc
+from recps.ps import wire
+from recps.ps.config import ServerConfig
+from recps.ps.errors import abort
+from recps.ps.metrics import ServerMetrics, rss_bytes
+from recps.ps.routing import ShardMap, slot_of
+
+log = logging.getLogger("recps.ps.server")
+SERVICE = "recps.ps.v1.ParameterServer"
+_HEALTH_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class _Gate:
+    """Shared/exclusive gate: pushes enter shared, a checkpoint enters exclusive."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True  # new pushes wait from here on
+            while self._shared:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class _Dedup:
+    """Exactly-once pushes per (client_id, seq), with a bounded window per client.
+
+    A retry that arrives while the original is still being applied waits for it, then
+    answers "duplicate". A failed apply forgets its seq so that a retry applies it.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._lock = threading.Lock()
+        self._clients: dict[str, dict[str, Any]] = {}
+
+    def begin(self, client: str, seq: int) -> tuple[bool, threading.Event | None]:
+        """(is_new, event to wait on when a copy is in flight)."""
+        with self._lock:
+            c = self._clients.setdefault(client, {"high": 0, "done": set(), "inflight": {}})
+            if seq in c["done"] or seq <= c["high"] - self.window:
+                return False, None
+            if seq in c["inflight"]:
+                return False, c["inflight"][seq]
+            c["inflight"][seq] = threading.Event()
+            return True, None
+
+    def finish(self, client: str, seq: int, applied: bool) -> None:
+        with self._lock:
+            c = self._clients[client]
+            ev = c["inflight"].pop(seq)
+            if applied:
+                c["done"].add(seq)
+                if seq > c["high"]:
+                    c["high"] = seq
+                    floor = seq - self.window
+                    if len(c["done"]) > 2 * self.window:
+                        c["done"] = {s for s in c["done"] if s > floor}
+        ev.set()
+
+    def was_applied(self, client: str, seq: int) -> bool:
+        with self._lock:
+            c = self._clients.get(client)
+            return bool(c) and (seq in c["done"] or seq <= c["high"] - self.window)
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                k: {"high": v["high"], "done": sorted(v["done"])} for k, v in self._clients.items()
+            }
+
+    def load(self, d: dict[str, Any]) -> None:
+        with self._lock:
+            for k, v in d.items():
+                self._clients[k] = {"high": int(v["high"]), "done": set(v["done"]), "inflight": {}}
+
+
+def _rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Times the RPC, and turns errors into precise statuses (the server keeps serving)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def handler(self: PSServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return fn(self, request, context)
+            except E.RecpsError as e:
+                code = e.status
+                abort(context, e)
+            except MemoryError:
+                code = "RESOURCE_EXHAUSTED"
+                abort(context, E.CapacityError(f"{name}: out of memory for this request"))
+            except Exception as e:
+                code = "INTERNAL"
+                log.exception("%s failed", name)
+                abort(context, E.RecpsError(f"{name}: internal error: {type(e).__name__}: {e}"))
+            finally:
+                self.metrics.latency.labels(name, code).observe(time.perf_counter() - t0)
+
+        return handler
+
+    return wrap
+
+
+class PSServicer(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self._tables: dict[str, TieredStore] = {}
+        self._tables_lock = threading.Lock()
+        self._gate = _Gate()
+        self._dedup = _Dedup(config.dedup_window)
+        self._map_lock = threading.Lock()
+        self.shard_map = self._load_map()
+        self._slot_requests = np.zeros(self.shard_map.num_slots, dtype=np.int64)
+        self._slot_rows = np.zeros(self.shard_map.num_slots, dtype=np.int64)
+        self._slot_rows_at = 0.0
+        self._slot_scan_lock = threading.Lock()
+        self._open_tables()
+        dedup = self.data_dir / "dedup.json"
+        if dedup.exists():
+            self._dedup.load(json.loads(dedup.read_text()))
+
+    # ---- state on disk ---------------------------------------------------------------------
+
+    def _load_map(self) -> ShardMap:
+        path = self.data_dir / "shard_map.json"
+        if path.exists():
+            m = ShardMap.load(path)
+            if m.num_slots != self.config.num_slots:
+                raise E.ConfigError(
+                    f"{path} has {m.num_slots} slots, config says {self.config.num_slots}"
+                )
+            return m
+        # A shard started alone owns every slot until ops tooling installs a real map.
+        sid = self.config.shard_id
+        owner = np.full(self.config.num_slots, sid, dtype=np.uint16)
+        return ShardMap(0, self.config.num_slots, {sid: ""}, owner)
+
+    def _open_tables(self) -> None:
+        path = self.data_dir / "tables.json"
+        if not path.exists():
+            return
+        for d in json.loads(path.read_text()):
+            cfg = TableConfig.from_dict(d)
+            self._tables[cfg.name] = self._new_store(cfg)
+
+    def _new_store(self, cfg: TableConfig) -> TieredStore:
+        return TieredStore(self.data_dir / "tables" / cfg.name, cfg, self.config.store)
+
+    def _save_tables(self) -> None:
+        path = self.data_dir / "tables.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([s.config.to_dict() for s in self._tables.values()], indent=1))
+        tmp.replace(path)
+
+    def save_dedup(self) -> None:
+        path = self.data_dir / "dedup.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._dedup.to_dict()))
+        tmp.replace(path)
+
+    def close(self) -> None:
+        with self._tables_lock:
+            for store in self._tables.values():
+                store.close()
+        self.save_dedup()
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _store(self, name: str) -> TieredStore:
+        store = self._tables.get(name)
+        if store is None:
+            raise E.UnknownTableError(name)
+        return store
+
+    def _check_owned(self, table: str, ids: np.ndarray, epoch: int) -> None:
+        m = self.shard_map
+        slots = slot_of(table, ids, m.num_slots)
+        owner = m.slot_owner[slots]
+        bad = owner != self.config.shard_id
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise E.StaleShardMapError(
+                f"shard {self.config.shard_id} does not own {int(bad.sum())} of {len(ids)} ids "
+                f"of table {table!r} (e.g. id {int(ids[i])}: slot {int(slots[i])} belongs to "
+                f"shard {int(owner[i])}); client routed with epoch {epoch}",
+                m.epoch,
+            )
+        if len(ids) < 256:
+            np.add.at(self._slot_requests, slots, 1)
+        else:
+            self._slot_requests += np.bincount(slots, minlength=len(self._slot_requests))
+
+    @staticmethod
+    def _unique_tables(names: list[str]) -> None:
+        if len(set(names)) != len(names):
+            raise E.InvalidArgumentError(f"a table may appear once per request, got {names}")
+
+    # ---- RPCs -----------------------------------------------------------------------------
+
+    @_rpc("Lookup")
+    def Lookup(self, request: ps_pb2.LookupRequest, context: Any) -> ps_pb2.LookupResponse:
+        self._unique_tables([t.table for t in request.tables])
+        want = request.want_dtype
+        wire.wire_dtype(want, "want_dtype")
+        parsed = []
+        for t in request.tables:
+            store = self._store(t.table)
+            ids = wire.decode_ids(t.ids, f"table {t.table!r} ids")
+            self._check_owned(t.table, ids, request.shard_map_epoch)
+            parsed.append((t.table, store, ids))
+        out = ps_pb2.LookupResponse()
+        for name, store, ids in parsed:
+            rows = store.lookup(ids, create_missing=request.create_missing)
+            out.tables.append(
+                ps_pb2.TableRows(
+                    table=name,
+                    rows=wire.encode_rows(rows, want),
+                    dim=store.dim,
+                    dtype=want or ps_pb2.FLOAT32,
+                )
+            )
+            self.metrics.rows_read.labels(name).inc(len(ids))
+        return out
+
+    @_rpc("Push")
+    def Push(self, request: ps_pb2.PushRequest, context: Any) -> ps_pb2.PushResponse:
+        self._unique_tables([t.table for t in request.tables])
+        # Validate every table before applying any, so a bad entry changes nothing.
+        parsed = []
+        for t in request.tables:
+            store = self._store(t.table)
+            ids = wire.decode_ids(t.ids, f"table {t.table!r} ids")
+            wire.check_dim(t.dim, store.config)
+            grads = wire.decode_rows(
+                t.grads, len(ids), store.dim, t.dtype, f"table {t.table!r} grads"
+            )
+            reject = store.config.nonfinite == "reject" and len(grads)
+            if reject and not (np.isfinite(grads.max()) and np.isfinite(grads.min())):
+                bad = int(len(grads) - np.count_nonzero(np.isfinite(grads).all(axis=1)))
+                raise E.NonFiniteGradientError(t.table, bad)
+            parsed.append((t.table, store, ids, grads))
+        client, seq = request.client_id, request.seq
+        if client:
+            is_new, inflight = self._dedup.begin(client, seq)
+            while not is_new:
+                if inflight is None:  # applied before: answer without applying again
+                    self.metrics.duplicate_pushes.inc()
+                    return ps_pb2.PushResponse(applied_rows=0, duplicate=True)
+                inflight.wait()  # the original is running; its outcome decides
+                is_new, inflight = self._dedup.begin(client, seq)
+        applied = 0
+        ok = False
+        try:
+            for name, _, ids, _ in parsed:
+                self._check_owned(name, ids, request.shard_map_epoch)
+            with self._gate.shared():
+                for name, store, ids, grads in parsed:
+                    applied += store.apply_gradients(ids, grads)
+                    self.metrics.rows_written.labels(name).inc(len(ids))
+                if request.wait_durable and self.config.store.durability != "sync":
+                    for _, store, _, _ in parsed:
+                        store.flush()
+            ok = True
+        finally:
+            if client:
+                self._dedup.finish(client, seq, ok)
+        return ps_pb2.PushResponse(applied_rows=applied, duplicate=False)
+
+    @_rpc("CreateTable")
+    def CreateTable(self, request: ps_pb2.CreateTableRequest, context: Any) -> Any:
+        cfg = wire.config_from_spec(request.spec)
+        with self._tables_lock:
+            existing = self._tables.get(cfg.name)
+            if existing is not None:
+                if request.if_not_exists and existing.config == cfg:
+                    return ps_pb2.CreateTableResponse(
+                        spec=wire.spec_from_config(cfg), created=False
+                    )
+                raise E.TableExistsError(cfg.name)
+            self._tables[cfg.name] = self._new_store(cfg)
+            self._save_tables()
+        return ps_pb2.CreateTableResponse(spec=wire.spec_from_config(cfg), created=True)
+
+    @_rpc("ListTables")
+    def ListTables(self, request: Any, context: Any) -> ps_pb2.ListTablesResponse:
+        specs = [wire.spec_from_config(self._tables[n].config) for n in sorted(self._tables)]
+        return ps_pb2.ListTablesResponse(tables=specs)
+
+    @_rpc("Stats")
+    def Stats(self, request: ps_pb2.StatsRequest, context: Any) -> ps_pb2.StatsResponse:
+        names = list(request.tables) or sorted(self._tables)
+        tables = [self._table_stats(n) for n in names]
+        snap = self.state_snapshot(tables)
+        return ps_pb2.StatsResponse(
+            shard_id=self.config.shard_id,
+            epoch=self.shard_map.epoch,
+            uptime_s=time.time() - self.started,
+            rss_bytes=rss_bytes(),
+            tables=tables,
+            slot_ids=snap["slot_ids"],
+            slot_rows=snap["slot_rows"],
+            slot_requests=snap["slot_requests"],
+        )
+
+    def _table_stats(self, name: str) -> ps_pb2.TableStats:
+        s = self._store(name).stats()
+        return ps_pb2.TableStats(
+            table=name,
+            rows_in_memory=s.rows_in_memory,
+            rows_on_disk=s.rows_on_disk,
+            hit_rate=s.hit_rate,
+            memory_bytes=s.memory_bytes,
+            disk_bytes=s.disk_bytes,
+            evictions=s.evictions,
+            admission_rejected=s.admission_rejected,
+            expired_rows=s.expired_rows,
+            nonfinite_skipped=s.nonfinite_skipped,
+            lookups=s.rows_looked_up,
+            pushes=s.rows_updated,
+        )
+
+    def state_snapshot(self, tables: list[Any] | None = None) -> dict[str, Any]:
+        """Gauges for Stats and the Prometheus collector."""
+        if tables is None:
+            tables = [self._table_stats(n) for n in sorted(self._tables)]
+        self._refresh_slot_rows()
+        owned = self.shard_map.slots_of(self.config.shard_id)
+        return {
+            "tables": tables,
+            "epoch": self.shard_map.epoch,
+            "slot_ids": owned.tolist(),
+            "slot_rows": self._slot_rows[owned].tolist(),
+            "slot_requests": self._slot_requests[owned].tolist(),
+        }
+
+    def _refresh_slot_rows(self, force: bool = False) -> None:
+        """Per-slot row counts from a scan of every table, at most every interval."""
+        if not force and time.time() - self._slot_rows_at < self.config.slot_scan_interval_s:
+            return
+        if not self._slot_scan_lock.acquire(blocking=force):
+            return  # another scan is running; its result is fresh enough
+        try:
+            counts = np.zeros(self.shard_map.num_slots, dtype=np.int64)
+            for name, store in list(self._tables.items()):
+                for batch in store.items(batch_size=1 << 16):
+                    counts += np.bincount(
+                        slot_of(name, batch.ids, len(counts)), minlength=len(counts)
+                    )
+            self._slot_rows = counts
+            self._slot_rows_at = time.time()
+        finally:
+            self._slot_scan_lock.release()
+
+    @_rpc("Checkpoint")
+    def Checkpoint(self, request: ps_pb2.CheckpointRequest, context: Any) -> Any:
+        if not request.dir:
+            raise E.InvalidArgumentError("Checkpoint needs dir")
+        tag = request.tag or time.strftime("ckpt-%Y%m%d-%H%M%S")
+        if "/" in tag or tag in (".", ".."):
+            raise E.InvalidArgumentError(f"checkpoint tag {tag!r} must be a plain name")
+        root = Path(request.dir) / tag / f"shard-{self.config.shard_id}"
+        if root.exists():
+            raise E.CheckpointError(f"checkpoint {root} already exists")
+        t0 = time.perf_counter()
+        rows = 0
+        with self._gate.exclusive():  # one instant for every table of this shard
+            for name, store in sorted(self._tables.items()):
+                store.checkpoint(root / "tables" / name)
+                rows += store.stats().rows_on_disk
+            self.save_dedup()
+        manifest = {
+            "shard_id": self.config.shard_id,
+            "shard_map": self.shard_map.to_dict(),
+            "tables": [self._tables[n].config.to_dict() for n in sorted(self._tables)],
+            "dedup": self._dedup.to_dict(),
+            "rows": rows,
+            "created_at": time.time(),
+        }
+        (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        return ps_pb2.CheckpointResponse(
+            path=str(root),
+            rows=rows,
+            tables=sorted(self._tables),
+            seconds=time.perf_counter() - t0,
+        )
+
+    @_rpc("GetShardMap")
+    def GetShardMap(self, request: Any, context: Any) -> ps_pb2.ShardMap:
+        return self.shard_map.to_proto()
+
+    @_rpc("UpdateShardMap")
+    def UpdateShardMap(self, request: ps_pb2.ShardMap, context: Any) -> ps_pb2.ShardMap:
+        try:
+            new = ShardMap.from_proto(request)
+        except ValueError as e:
+            raise E.InvalidArgumentError(f"malformed shard map: {e}") from e
+        with self._map_lock:
+            cur = self.shard_map
+            if new.epoch <= cur.epoch:
+                raise E.StaleShardMapError(
+                    f"shard map epoch {new.epoch} is not newer than the current one", cur.epoch
+                )
+            if new.num_slots != cur.num_slots:
+                raise E.InvalidArgumentError(
+                    f"num_slots {new.num_slots} differs from this shard's {cur.num_slots}"
+                )
+            new.save(self.data_dir / "shard_map.json")
+            self.shard_map = new
+        return new.to_proto()
+
+
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Bearer-token check on every call except health checks and reflection."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if details.method.startswith(_HEALTH_EXEMPT):
+            return continuation(details)
+        md = dict(details.invocation_metadata or ())
+        if md.get("authorization") != self._expected:
+            return self._deny
+        return continuation(details)
+
+
+class PSServer:
+    """A running shard: the gRPC server, its servicer, health and metrics."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics(config.shard_id)
+        self.servicer = PSServicer(config, self.metrics)
+        self.metrics.attach_state(self.servicer.state_snapshot)
+        opts = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors = [_AuthInterceptor(config.auth_token)] if config.auth_token else []
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="recps-ps"),
+            options=opts,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=interceptors,
+        )
+        ps_pb2_grpc.add_ParameterServerServicer_to_server(self.servicer, self.grpc_server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        bind = f"{config.host}:{config.port}"
+        if config.tls is not None:
+            creds = grpc.ssl_server_credentials(
+                [(config.tls.read("key_file"), config.tls.read("cert_file"))],
+                root_certificates=config.tls.read("client_ca_file"),
+                require_client_auth=config.tls.client_ca_file is not None,
+            )
+            self.port = self.grpc_server.add_secure_port(bind, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(bind)
+        if not self.port:
+            raise E.ConfigError(f"cannot bind {bind}")
+        self.address = f"{config.host}:{self.port}"
+        self._stopped = threading.Event()
+
+    def start(self) -> PSServer:
+        self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self.metrics.serve(self.config.host, self.config.metrics_port)
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        info = {
+            "address": self.address,
+            "port": self.port,
+            "pid": os.getpid(),
+            "shard_id": self.config.shard_id,
+            "metrics_port": self.metrics.port,
+        }
+        tmp = Path(self.config.data_dir) / "server.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(Path(self.config.data_dir) / "server.json")
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Graceful: refuse new calls, let in-flight ones finish, flush, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.grpc_server.stop(grace).wait()
+        self.servicer.close()
+        self.metrics.close()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def create_server(config: ServerConfig) -> tuple[PSServer, int]:
+    """Start a shard; returns the running server and its port."""
+    server = PSServer(config).start()
+    return server, server.port
