@@ -240,7 +240,9 @@ class EmbeddingStore(ABC):
             return n
 
     def set_admission(self, admission: AdmissionConfig) -> None:
-        """Change the admission policy at runtime (persisted with the table's config)."""
+        """Change the admission policy now. It lasts until the store is reopened: the
+        config passed to the constructor is the source of truth (pass ``store.config``
+        to keep a runtime change). The admission counts themselves are persisted."""
         with self._lock:
             self._check_open()
             self.config = self.config.replace(admission=admission)
@@ -248,11 +250,13 @@ class EmbeddingStore(ABC):
             self._config_changed()
 
     def set_expiry(self, expiry: ExpiryConfig) -> None:
-        """Change the TTL policy at runtime (persisted with the table's config)."""
+        """Change the TTL policy now; like ``set_admission``, until the next open."""
         with self._lock:
             self._check_open()
             self.config = self.config.replace(expiry=expiry)
             self._config_changed()
+            if expiry.ttl_s and self._thread is None:  # built without a TTL: no sweeper yet
+                self._start_maintenance(None)
 
     def close(self) -> None:
         self._stop.set()

@@ -200,7 +200,9 @@ class TieredStore(EmbeddingStore):
     # ---- moving rows between tiers -------------------------------------------------------
 
     def _pack_rows(
-        self, slots: np.ndarray, deletes: list[bytes] = ()  # type: ignore[assignment]
+        self,
+        slots: np.ndarray,
+        deletes: list[bytes] = (),  # type: ignore[assignment]
     ) -> tuple[list[bytes], list[bytes], list[bytes], dict[bytes, bytes]]:
         """Encode hot rows for one WriteBatch and mark them clean (caller writes it)."""
         hot = self._hot
@@ -239,6 +241,7 @@ class TieredStore(EmbeddingStore):
         found = np.zeros(n, dtype=bool)
         recs = None
         if self._disk_rows > 0:
+            self._await_write_back()  # an evicted row may be in it, not yet in RocksDB
             vals = self._rocks.multi_get(encode_keys(uids))
             found = np.fromiter((v is not None for v in vals), dtype=bool, count=n)
             if found.any():
@@ -285,8 +288,12 @@ class TieredStore(EmbeddingStore):
 
     def _lookup(self, ids: np.ndarray, create_missing: bool) -> np.ndarray:
         if len(ids) > self._chunk:
-            parts = self._chunked(lambda x: self._lookup(x, create_missing), ids)
-            return np.concatenate(parts)
+            # Deduplicate before chunking: an id in two chunks would count twice for admission.
+            uids, inv = np.unique(ids, return_inverse=True)
+            if len(uids) > self._chunk:
+                parts = self._chunked(lambda x: self._lookup(x, create_missing), uids)
+                return np.concatenate(parts).take(inv, axis=0)
+            return self._lookup(uids, create_missing).take(inv, axis=0)
         hot = self._hot
         slots = hot.find(ids)
         miss = slots < 0
@@ -334,7 +341,15 @@ class TieredStore(EmbeddingStore):
             self._write_rows(slots)
         return len(slots)
 
+    def _await_write_back(self) -> None:
+        """Wait for a background write-back in flight: its rows are already marked clean
+        (and may be evicted) but are not in RocksDB until it lands. Call with the store lock
+        held, so no new one can start."""
+        with self._write_lock:
+            pass
+
     def _flush(self) -> None:
+        self._await_write_back()  # flush() promises durability for rows it already took
         dirty = np.flatnonzero(self._hot.dirty)
         for i in range(0, len(dirty), _WRITE_CHUNK):
             self._write_rows(dirty[i : i + _WRITE_CHUNK])
@@ -414,6 +429,7 @@ class TieredStore(EmbeddingStore):
             )
 
     def _expire(self, cutoff: float) -> int:
+        self._await_write_back()  # its rows must be in the snapshot scanned below
         hot = self._hot
         expired = np.flatnonzero(hot.occupied & (hot.updated_at < cutoff))
         n = len(expired)

@@ -233,10 +233,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.ts = self._open_tiered()
         self.ms = MemoryStore(self.cfg, clock=self.clock)
         capacity = int(self.ts.stats().extra["hot_capacity_rows"])
-        # The tiered store looks ids up in chunks of capacity // 2; with admission on, an id
-        # repeated across chunks is counted twice (see test_store_lifecycle's xfail), so
-        # keep admission lookups within one chunk here.
-        self.max_lookup = capacity // 2 if self.cfg.admission.enabled else MAX_BATCH
+        # Lookups larger than the hot tier's chunk (capacity // 2) are deduplicated, then
+        # chunked; exercise both paths.
+        self.max_lookup = MAX_BATCH if capacity < MAX_BATCH else capacity
 
     @rule(spec=id_batches, create=st.booleans())
     def lookup(self, spec, create: bool) -> None:
