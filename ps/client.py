@@ -175,6 +175,9 @@ class PSClient:
             if best is None or m.epoch > best.epoch:
                 best = m
         if best is None:
+            denied = (E.UnauthenticatedError, E.PermissionDeniedError)
+            if errors and all(isinstance(e, denied) for e in errors):
+                raise errors[0]  # every shard refused our credentials: say so, not "down"
             raise E.ShardUnavailableError(f"no shard answered GetShardMap: {errors}")
         if best.epoch == 0 and len(self._seeds) == 1:
             # A lone shard that was never given a map: it owns everything at its address.

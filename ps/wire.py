@@ -121,10 +121,10 @@ def config_from_spec(spec: ps_pb2.TableSpec) -> TableConfig:
             lr=o.lr or d.lr,
             eps=o.eps if o.HasField("eps") else None,
             initial_accumulator=o.initial_accumulator,
-            beta1=o.beta1 or d.beta1,
-            beta2=o.beta2 or d.beta2,
+            beta1=o.beta1 if o.HasField("beta1") else d.beta1,
+            beta2=o.beta2 if o.HasField("beta2") else d.beta2,
             weight_decay=o.weight_decay,
-            ftrl_beta=o.ftrl_beta or d.ftrl_beta,
+            ftrl_beta=o.ftrl_beta if o.HasField("ftrl_beta") else d.ftrl_beta,
             l1=o.l1,
             l2=o.l2,
         )
