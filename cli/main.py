@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps_main.add_arguments(start)
     start.set_defaults(func=lambda a: ps_main.run(ps_main.config_from_args(a)))
+
+    from recps.cli import cluster_cmds
+
+    cluster_cmds.add_parsers(sub)
     return parser
 
 

@@ -12,11 +12,10 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from tqdm import tqdm
-
-from recps.embedding import OptimizerConfig, TableConfig, TieredStore, TieredStoreConfig
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the CLI registers every subcommand on start-up and must stay quick.
+    import numpy as np
+    from tqdm import tqdm
+
+    from recps.embedding import OptimizerConfig, TableConfig, TieredStore, TieredStoreConfig
+
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="recps-demo-"))
     cfg = TableConfig("demo", dim=16, optimizer=OptimizerConfig("adagrad", lr=0.1))
     store_cfg = TieredStoreConfig(memory_budget_bytes=args.budget_mb << 20)

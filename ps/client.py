@@ -437,6 +437,29 @@ class PSClient:
             "Checkpoint", ps_pb2.CheckpointRequest(dir=directory, tag=tag), timeout=3600
         )
 
+    def install_shard_map(self, new: ShardMap, addresses: Iterable[str] | None = None) -> None:
+        """Install ``new`` on the given shards (default: every shard it names) through
+        ``UpdateShardMap``; a shard that already holds a newer or equal epoch raises
+        :class:`StaleShardMapError`. The client then routes with ``new``."""
+        targets = list(addresses) if addresses is not None else list(new.shards.values())
+        futs = [
+            (
+                a,
+                self._stub(a).UpdateShardMap.future(
+                    new.to_proto(), timeout=self.config.timeout_s, metadata=self._metadata()
+                ),
+            )
+            for a in targets
+        ]
+        for a, f in futs:
+            try:
+                f.result()
+            except grpc.RpcError as e:
+                raise from_rpc_error(e, f"UpdateShardMap on {a}") from None
+        with self._lock:
+            if new.epoch > self._map.epoch:
+                self._map = new
+
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until every shard answers (after a restart, say)."""
         deadline = time.monotonic() + timeout_s
