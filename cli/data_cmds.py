@@ -3,6 +3,9 @@
     recps data synth --rows 1000000 --out data/synth      # train/, eval/, metadata.json
     recps data inspect data/synth                         # files, rows, a decoded batch
 
+Exit codes: 0 done; 2 a bad request (bad arguments, an existing dataset without
+--overwrite, a path with no data). Heavy imports happen only when a command runs.
+
 Register under the main CLI with ``data_cmds.add_parser(subparsers)``; run alone with
 ``python -c "from recps.cli.data_cmds import main; main()" synth --rows 1000 --out d``.
 """
@@ -14,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from recps.embedding.errors import RecpsError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -65,6 +66,7 @@ def _add_actions(sub: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from recps.embedding.errors import RecpsError
     from recps.worker.synth import SynthConfig, write_dataset
 
     try:
@@ -95,6 +97,7 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
+    from recps.embedding.errors import RecpsError
     from recps.worker.data import DataReader, ReaderConfig, list_files
     from recps.worker.synth import read_metadata, reader_config
 

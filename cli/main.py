@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import cluster_cmds
 
     cluster_cmds.add_parsers(sub)
+
+    from recps.cli import data_cmds
+
+    data_cmds.add_parser(sub)
     return parser
 
 
