@@ -1,0 +1,661 @@
+"""Parameter-server shards as Ray actors: placed together, restarted on a crash, stopped cleanly.
+
+The only recps module that imports Ray (``recps.embedding`` and ``recps.ps`` never do). Each
+:class:`PSShardActor` runs one gRPC shard of :mod:`recps.ps.server` in its own Ray worker
+process, on its own data directory ``<data_dir>/shard-<i>``; the shards are reached over
+gRPC exactly like the processes of ``recps cluster up`` (a :class:`PSClient` on
+:attr:`RayPSCluster.shard_map`). Ray only places, restarts and stops them.
+
+**Placement.** One placement-group bundle of ``cpus_per_shard`` CPUs per shard, strategy
+``SPREAD`` by default (best effort: on one node they share it; ``STRICT_SPREAD`` needs a node
+per shard, ``PACK``/``STRICT_PACK`` keep them together).
+
+**Addresses.** A shard binds ``127.0.0.1`` when the Ray cluster is this one machine, else
+its node's IP (``ray.util.get_node_ip_address()``): loopback unless reaching it from
+another node needs more.
+
+**Restarts.** An actor restarts up to ``max_restarts`` times, on the same data directory,
+so RocksDB replays its WAL (with ``durability="sync"`` an acknowledged push survives a
+crash). It binds the port its ``server.json`` names, so the shard map stays valid and a
+client just retries. When that port is taken, it serves on a new one and says so in
+:meth:`PSShardActor.ready`; :meth:`RayPSCluster.refresh` then re-issues the map (same
+slot owners, new address, epoch + 1) on every shard.
+
+**Restarting a job** on a data directory that holds shards keeps their map: the slot owners
+stay, only changed addresses are re-issued (as ``recps cluster up`` does).
+
+Example:
+    >>> info = init_ray(num_cpus=2)  # doctest: +SKIP
+    >>> with start_ps_shards(2, "/tmp/recps-ps", cpus_per_shard=0.5) as ps:  # doctest: +SKIP
+    ...     client = PSClient(ps.shard_map)
+    ...     client.create_table(TableConfig("user", dim=16))
+    ...     ps.write_cluster_file("/tmp/recps-ps/cluster.json")  # for `recps status`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from recps.embedding import errors as E
+from recps.embedding.config import TieredStoreConfig
+from recps.ps.client import PSClient
+from recps.ps.cluster import pid_alive
+from recps.ps.config import ClientConfig, ServerConfig
+from recps.ps.metrics import rss_bytes
+from recps.ps.routing import DEFAULT_NUM_SLOTS, ShardMap
+from recps.ps.server import PSServer, create_server
+
+if TYPE_CHECKING:
+    from recps.worker.job_config import JobClusterConfig
+
+log = logging.getLogger("recps.worker.ray_cluster")
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+LOOPBACK = "127.0.0.1"
+MIN_OBJECT_STORE_MB = 75  # Ray refuses less
+_TABLE_STATS = (
+    "rows_in_memory",
+    "rows_on_disk",
+    "hit_rate",
+    "memory_bytes",
+    "disk_bytes",
+    "evictions",
+    "admission_rejected",
+    "expired_rows",
+    "nonfinite_skipped",
+    "lookups",
+    "pushes",
+)
+
+
+class PlacementError(E.ShardUnavailableError):
+    """The Ray cluster cannot host the shards' placement group (too few CPUs or nodes)."""
+
+    def __init__(self, bundles: list[dict[str, float]], strategy: str, available: float) -> None:
+        self.bundles, self.strategy, self.available_cpus = bundles, strategy, available
+        need = sum(b.get("CPU", 0) for b in bundles)
+        super().__init__(
+            f"cannot place {len(bundles)} PS shards ({need:g} CPUs, strategy {strategy}); the "
+            f"Ray cluster has {available:g} CPUs free. Lower cluster.cpus_per_shard or "
+            "num_shards, add nodes, or use SPREAD/PACK (STRICT_SPREAD needs a node per shard)"
+        )
+
+
+# ---- Ray itself ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    """The Ray this process is attached to."""
+
+    address: str  # the GCS address (host:port)
+    started_here: bool  # True: an embedded local Ray that this process started
+    num_nodes: int
+    num_cpus: float
+    init_s: float  # how long ray.init took (0 when Ray was already up)
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    object_store_mb: int = 100,
+    namespace: str | None = None,
+) -> RayInfo:
+    """Start an embedded local Ray (``address=None``) or connect to a running cluster.
+
+    The local Ray is lean, for a trainer and its tests: no dashboard, workers' output not
+    forwarded to this process (each shard logs to Ray's session logs), a small object store
+    (batches travel over gRPC, not through Ray), no usage-stats reporting. Returns at once
+    when Ray is already initialized in this process.
+    """
+    t0 = time.perf_counter()
+    if ray.is_initialized():
+        return _ray_info(started_here=False, init_s=0.0)
+    if object_store_mb < MIN_OBJECT_STORE_MB:
+        raise E.ConfigError(f"object_store_mb must be >= {MIN_OBJECT_STORE_MB} (Ray's minimum)")
+    common: dict[str, Any] = {
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "namespace": namespace,
+    }
+    if address is None:
+        if num_cpus is not None and num_cpus < 1:
+            raise E.ConfigError(f"num_cpus must be >= 1, got {num_cpus}")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves this machine
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            object_store_memory=object_store_mb << 20,
+            **common,
+        )
+    else:
+        if num_cpus is not None:
+            raise E.ConfigError(
+                f"num_cpus sizes a local Ray only; the cluster at {address} has its own CPUs"
+            )
+        ray.init(address=address, **common)
+    return _ray_info(started_here=True, init_s=time.perf_counter() - t0)
+
+
+def shutdown_ray() -> None:
+    """Disconnect (and stop the embedded local Ray, if this process started one)."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _ray_info(started_here: bool, init_s: float) -> RayInfo:
+    ctx = ray.get_runtime_context()
+    gcs = getattr(ctx, "gcs_address", "") or ""
+    return RayInfo(
+        address=str(gcs),
+        started_here=started_here,
+        num_nodes=len(_alive_nodes()),
+        num_cpus=float(ray.cluster_resources().get("CPU", 0.0)),
+        init_s=init_s,
+    )
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _default_host() -> str | None:
+    """Loopback when the Ray cluster is this one machine; None: each shard's node IP."""
+    nodes = _alive_nodes()
+    here = ray.util.get_node_ip_address()
+    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == here:
+        return LOOPBACK
+    return None
+
+
+# ---- one shard ----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Can ``host:port`` be bound? (SO_REUSEADDR, as gRPC binds: TIME_WAIT does not count.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class PSShard:
+    """One parameter-server shard serving gRPC from inside a Ray actor (see the module doc).
+
+    ``host=None`` binds the node's IP. The constructor returns once the shard serves.
+    """
+
+    def __init__(
+        self,
+        shard_id: int,
+        data_dir: str,
+        *,
+        host: str | None = LOOPBACK,
+        num_slots: int = DEFAULT_NUM_SLOTS,
+        memory_mb: int = 256,
+        durability: Literal["async", "sync"] = "async",
+        flush_interval_ms: int = 5000,
+    ) -> None:
+        self.shard_id = shard_id
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.node_ip = ray.util.get_node_ip_address()
+        self.host = host or self.node_ip
+        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        # Re-use the port of the previous process on this data dir: the map still names it.
+        previous = int(_read_json(self.data_dir / "server.json").get("port") or 0)
+        port, self.note = previous, None
+        if previous and not _port_free(self.host, previous):
+            port = 0
+            self.note = (
+                f"port {previous} of the previous process is taken; serving on a new port "
+                "(RayPSCluster.refresh() re-issues the shard map)"
+            )
+            log.warning("shard %d: %s", shard_id, self.note)
+        config = ServerConfig(
+            data_dir=str(self.data_dir),
+            shard_id=shard_id,
+            host=self.host,
+            port=port,
+            num_slots=num_slots,
+            store=TieredStoreConfig(
+                memory_budget_bytes=memory_mb << 20,
+                durability=durability,
+                flush_interval_ms=flush_interval_ms,
+            ),
+        )
+        self.server: PSServer
+        self.server, self.port = create_server(config)
+        self.port_changed = bool(previous) and self.port != previous
+        self.started_at = time.time()
+        self._stopped = False
+
+    def ready(self) -> dict[str, Any]:
+        """Where and how this shard serves; also its own shard map (``shard_map``, a dict)."""
+        return {
+            "shard_id": self.shard_id,
+            "address": self.server.address,
+            "port": self.port,
+            "pid": os.getpid(),
+            "node_ip": self.node_ip,
+            "data_dir": str(self.data_dir),
+            "restarted": self.restarted,
+            "port_changed": self.port_changed,
+            "note": self.note,
+            "shard_map": self.server.servicer.shard_map.to_dict(),
+        }
+
+    def address(self) -> str:
+        return self.server.address
+
+    def stats(self) -> dict[str, Any]:
+        """Plain-dict counters: per-table store stats, rows, slots, RSS, uptime."""
+        if self._stopped:
+            raise E.ShardUnavailableError(f"shard {self.shard_id} is stopped")
+        snap = self.server.servicer.state_snapshot()
+        tables = {t.table: {k: getattr(t, k) for k in _TABLE_STATS} for t in snap["tables"]}
+        return {
+            "shard_id": self.shard_id,
+            "address": self.server.address,
+            "pid": os.getpid(),
+            "epoch": snap["epoch"],
+            "uptime_s": time.time() - self.started_at,
+            "rss_bytes": rss_bytes(),
+            "slots": len(snap["slot_ids"]),
+            "rows_in_memory": sum(t["rows_in_memory"] for t in tables.values()),
+            "rows_on_disk": sum(t["rows_on_disk"] for t in tables.values()),
+            "restarted": self.restarted,
+            "tables": tables,
+        }
+
+    def stop(self, grace_s: float | None = None) -> bool:
+        """Graceful: refuse new calls, finish in-flight ones, flush and close every table.
+
+        The process stays (Ray owns it) until :meth:`RayPSCluster.shutdown` kills it.
+        """
+        self._stopped = True
+        self.server.stop(grace_s)
+        return True
+
+
+# The actor class. Options (CPUs, restarts, placement) are set per start in RayPSCluster.
+PSShardActor = ray.remote(PSShard)
+
+
+# ---- the shard group ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayPSConfig:
+    """The PS shards of a job, as Ray actors."""
+
+    num_shards: int
+    data_dir: str  # shard i lives in <data_dir>/shard-<i>; made absolute here
+    cpus_per_shard: float = 1.0
+    memory_mb: int = 256  # hot-tier budget per table per shard
+    durability: Literal["async", "sync"] = "async"  # sync: an acked push survives a crash
+    num_slots: int = DEFAULT_NUM_SLOTS
+    placement_strategy: PlacementStrategy = "SPREAD"
+    max_restarts: int = 3  # per actor; -1: without limit
+    host: str | None = None  # None: loopback on one node, else the node IP
+    flush_interval_ms: int = 5000
+    ready_timeout_s: float = 120.0  # placement + actor start; a shard is up in ~2 s
+    stop_timeout_s: float = 30.0  # graceful stop (flush + close) before the actor is killed
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_shards < 0xFFFF:
+            raise E.ConfigError(f"num_shards must be in [1, 65535), got {self.num_shards}")
+        n = self.num_slots
+        if n < 1 or n & (n - 1) or n > 1 << 16 or n < self.num_shards:
+            raise E.ConfigError(f"num_slots must be a power of two in [num_shards, 65536], got {n}")
+        if self.cpus_per_shard <= 0:
+            raise E.ConfigError(
+                f"cpus_per_shard must be > 0 (a placement bundle needs some CPU), "
+                f"got {self.cpus_per_shard}"
+            )
+        if self.memory_mb < 1:
+            raise E.ConfigError(f"memory_mb must be >= 1, got {self.memory_mb}")
+        if self.durability not in ("async", "sync"):
+            raise E.ConfigError(f"durability must be async or sync, got {self.durability!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise E.ConfigError(f"unknown placement strategy {self.placement_strategy!r}")
+        if self.max_restarts < -1:
+            raise E.ConfigError(f"max_restarts must be >= -1, got {self.max_restarts}")
+        if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise E.ConfigError("ready_timeout_s and stop_timeout_s must be > 0")
+        object.__setattr__(self, "data_dir", str(Path(self.data_dir).expanduser().resolve()))
+
+    @classmethod
+    def from_job(cls, cluster: JobClusterConfig, **overrides: Any) -> RayPSConfig:
+        """From a job's ``cluster`` section (:class:`recps.worker.job_config.JobClusterConfig`);
+        the shards live under ``<cluster.data_dir>/ps``."""
+        kwargs: dict[str, Any] = {
+            "num_shards": cluster.num_shards,
+            "data_dir": str(Path(cluster.data_dir) / "ps"),
+            "cpus_per_shard": cluster.cpus_per_shard,
+            "memory_mb": cluster.memory_mb,
+            "durability": cluster.durability,
+            "num_slots": cluster.num_slots,
+            "placement_strategy": cluster.placement_strategy,
+            "max_restarts": cluster.max_restarts,
+        }
+        return cls(**{**kwargs, **overrides})
+
+    def shard_dir(self, shard_id: int) -> Path:
+        return Path(self.data_dir) / f"shard-{shard_id}"
+
+
+def start_ps_shards(
+    num_shards: int,
+    data_dir: str | Path,
+    cpus_per_shard: float = 1.0,
+    memory_mb: int = 256,
+    durability: Literal["async", "sync"] = "async",
+    num_slots: int = DEFAULT_NUM_SLOTS,
+    **options: Any,
+) -> RayPSCluster:
+    """Start ``num_shards`` shard actors and install their map; see :class:`RayPSConfig`
+    for ``options`` (``placement_strategy``, ``max_restarts``, ``host``, timeouts)."""
+    config = RayPSConfig(
+        num_shards=num_shards,
+        data_dir=str(data_dir),
+        cpus_per_shard=cpus_per_shard,
+        memory_mb=memory_mb,
+        durability=durability,
+        num_slots=num_slots,
+        **options,
+    )
+    return RayPSCluster.start(config)
+
+
+class RayPSCluster:
+    """Running shard actors, their placement group and their shard map. Use :meth:`start`."""
+
+    def __init__(
+        self,
+        config: RayPSConfig,
+        pg: PlacementGroup,
+        actors: list[Any],
+        infos: list[dict[str, Any]],
+        shard_map: ShardMap,
+    ) -> None:
+        self.config = config
+        self.placement_group = pg
+        self.actors = actors
+        self.infos = infos
+        self._map = shard_map
+        self._cluster_files: list[Path] = []
+        self._known_pids = {int(i["pid"]): i["node_ip"] for i in infos}
+        self._report: dict[int, str] | None = None
+        self.created_at = time.time()
+
+    # ---- start ----------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: RayPSConfig) -> RayPSCluster:
+        if not ray.is_initialized():
+            raise E.ConfigError("Ray is not running in this process; call init_ray() first")
+        host = config.host if config.host is not None else _default_host()
+        bundles = [{"CPU": float(config.cpus_per_shard)}] * config.num_shards
+        pg = placement_group(
+            bundles, strategy=config.placement_strategy, name=f"recps-ps-{uuid.uuid4().hex[:8]}"
+        )
+        try:
+            ray.get(pg.ready(), timeout=config.ready_timeout_s)
+        except GetTimeoutError:
+            free = float(ray.available_resources().get("CPU", 0.0))
+            remove_placement_group(pg)
+            raise PlacementError(bundles, config.placement_strategy, free) from None
+        actors = [
+            PSShardActor.options(
+                num_cpus=config.cpus_per_shard,
+                max_restarts=config.max_restarts,
+                max_task_retries=0,  # a call cut by a crash fails; the caller decides
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=i
+                ),
+            ).remote(
+                i,
+                str(config.shard_dir(i)),
+                host=host,
+                num_slots=config.num_slots,
+                memory_mb=config.memory_mb,
+                durability=config.durability,
+                flush_interval_ms=config.flush_interval_ms,
+            )
+            for i in range(config.num_shards)
+        ]
+        try:
+            infos = _ready_all(actors, config.ready_timeout_s)
+            shard_map = _settle_map(infos, config)
+        except BaseException:
+            _teardown(actors, pg)
+            raise
+        return cls(config, pg, actors, infos, shard_map)
+
+    # ---- state ----------------------------------------------------------------------------
+
+    @property
+    def shard_map(self) -> ShardMap:
+        return self._map
+
+    @property
+    def addresses(self) -> list[str]:
+        """Shard addresses in shard-id order."""
+        return [self._map.shards[i] for i in sorted(self._map.shards)]
+
+    @property
+    def pids(self) -> list[int]:
+        """The shard processes' pids as last seen (a restart changes them)."""
+        return [int(i["pid"]) for i in self.infos]
+
+    def client(self, config: ClientConfig | None = None) -> PSClient:
+        """A client of these shards; with :meth:`write_cluster_file` called first, it also
+        follows re-issued maps through that file."""
+        if self._cluster_files:
+            return PSClient(self._cluster_files[-1], config)
+        return PSClient(self._map, config)
+
+    def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Every shard's :meth:`PSShard.ready` (waiting out restarts); updates ``infos``."""
+        self.infos = _ready_all(self.actors, timeout_s or self.config.ready_timeout_s)
+        self._known_pids.update({int(i["pid"]): i["node_ip"] for i in self.infos})
+        return self.infos
+
+    def refresh(self, timeout_s: float | None = None) -> ShardMap:
+        """After restarts: re-issue the map if a shard serves on a new address.
+
+        The new map keeps every slot owner, names the new addresses and has epoch + 1; it
+        is installed on every shard and written to the cluster files written before.
+        """
+        self.wait_ready(timeout_s)
+        new = _settle_map(self.infos, self.config, current=self._map)
+        if new.epoch != self._map.epoch:
+            log.warning("shard addresses changed; shard map re-issued at epoch %d", new.epoch)
+        self._map = new
+        for path in self._cluster_files:
+            self._write_cluster_file(path)
+        return new
+
+    def stats(self, timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
+        """Each shard's :meth:`PSShard.stats`, asked through Ray (not gRPC)."""
+        refs = [a.stats.remote() for a in self.actors]
+        return dict(enumerate(ray.get(refs, timeout=timeout_s)))
+
+    # ---- cluster file ---------------------------------------------------------------------
+
+    def write_cluster_file(self, path: str | Path) -> Path:
+        """The cluster file that ``PSClient(path)``, ``recps status`` and ``recps cluster``
+        read. It is rewritten by :meth:`refresh` when the map changes."""
+        path = Path(path).expanduser().resolve()
+        self._write_cluster_file(path)
+        if path not in self._cluster_files:
+            self._cluster_files.append(path)
+        return path
+
+    def _write_cluster_file(self, path: Path) -> None:
+        infos = {int(i["shard_id"]): i for i in self.infos}
+        content = {
+            "shard_map": self._map.to_dict(),
+            "shards": [
+                {
+                    "shard_id": sid,
+                    "address": self._map.shards[sid],
+                    "pid": int(infos[sid]["pid"]),
+                    "data_dir": infos[sid]["data_dir"],
+                    "node_ip": infos[sid]["node_ip"],
+                    "log": None,  # in Ray's session logs (worker-*.err of that pid)
+                    "metrics_port": None,
+                }
+                for sid in sorted(self._map.shards)
+            ],
+            "data_dir": self.config.data_dir,
+            "settings": {
+                "memory_mb": self.config.memory_mb,
+                "durability": self.config.durability,
+                "metrics": False,
+            },
+            "ray": {
+                "placement_group": self.placement_group.id.hex(),
+                "strategy": self.config.placement_strategy,
+            },
+            "created_at": self.created_at,
+            "updated_at": time.time(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
+        os.replace(tmp, path)
+
+    # ---- stop -----------------------------------------------------------------------------
+
+    def shutdown(self, timeout_s: float | None = None) -> dict[int, str]:
+        """Stop every shard gracefully, kill the actors, remove the placement group, and
+        wait until the shard processes on this node are gone. Idempotent.
+
+        Returns shard id -> what happened (``"stopped"``, or why it was killed instead).
+        """
+        if self._report is not None:
+            return self._report
+        timeout_s = timeout_s or self.config.stop_timeout_s
+        refs = [a.stop.remote() for a in self.actors]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        done_set = set(done)
+        report: dict[int, str] = {}
+        for sid, ref in enumerate(refs):
+            if ref not in done_set:
+                report[sid] = f"did not stop within {timeout_s:g} s; killed"
+                continue
+            try:
+                ray.get(ref)
+                report[sid] = "stopped"
+            except RayActorError as e:
+                report[sid] = f"was not running ({type(e).__name__}); killed"
+        _teardown(self.actors, self.placement_group)
+        here = ray.util.get_node_ip_address()
+        local = [pid for pid, ip in self._known_pids.items() if ip == here]
+        deadline = time.monotonic() + 10.0
+        while any(pid_alive(p) for p in local) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for sid, info in enumerate(self.infos):
+            pid = int(info["pid"])
+            if pid in local and pid_alive(pid):
+                report[sid] += f"; pid {pid} still running"
+        self._report = report
+        return report
+
+    def __enter__(self) -> RayPSCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _ready_all(actors: list[Any], timeout_s: float) -> list[dict[str, Any]]:
+    """``ready()`` of every actor; an actor that is restarting is asked again until the
+    deadline. A constructor that failed raises ``ShardUnavailableError`` with its cause."""
+    deadline = time.monotonic() + timeout_s
+    infos: dict[int, dict[str, Any]] = {}
+    while len(infos) < len(actors):
+        pending = [i for i in range(len(actors)) if i not in infos]
+        refs = {i: actors[i].ready.remote() for i in pending}
+        for i, ref in refs.items():
+            left = deadline - time.monotonic()
+            try:
+                infos[i] = ray.get(ref, timeout=max(left, 0.001))
+            except GetTimeoutError:
+                raise E.ShardUnavailableError(
+                    f"PS shard {i} not ready after {timeout_s:g} s (see Ray's worker logs)"
+                ) from None
+            except RayActorError as e:
+                if e.actor_init_failed or time.monotonic() > deadline:
+                    raise E.ShardUnavailableError(f"PS shard {i} failed: {e}") from None
+                time.sleep(0.1)  # restarting (or dead for good: then until the deadline)
+    return [infos[i] for i in range(len(actors))]
+
+
+def _settle_map(
+    infos: list[dict[str, Any]], config: RayPSConfig, current: ShardMap | None = None
+) -> ShardMap:
+    """The map the shards should hold, installed where it is missing.
+
+    First start on empty dirs: an even split at epoch 1. Shards that already hold a map
+    (a restarted job, or restarted actors): keep its slot owners; if an address changed,
+    the same owners with the new addresses at epoch + 1.
+    """
+    addresses = {int(i["shard_id"]): str(i["address"]) for i in infos}
+    held = {int(i["shard_id"]): ShardMap.from_dict(i["shard_map"]) for i in infos}
+    known = [m for m in held.values() if m.epoch > 0]
+    if current is not None:
+        known.append(current)
+    if not known:
+        new = ShardMap.even([addresses[i] for i in sorted(addresses)], config.num_slots)
+    else:
+        old = max(known, key=lambda m: m.epoch)
+        if set(old.shards) != set(addresses):
+            raise E.ConfigError(
+                f"{config.data_dir} holds a PS cluster of {len(old.shards)} shards, not "
+                f"{len(addresses)}; start it with num_shards={len(old.shards)} or use a new "
+                "data_dir"
+            )
+        new = old if old.shards == addresses else old.replace(shards=addresses)
+    stale = [addresses[s] for s, m in sorted(held.items()) if m.epoch < new.epoch]
+    if stale:
+        with PSClient(new, ClientConfig(timeout_s=10.0, max_retries=5)) as client:
+            client.install_shard_map(new, stale)
+    return new
+
+
+def _teardown(actors: list[Any], pg: PlacementGroup) -> None:
+    for a in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(a, no_restart=True)
+    with contextlib.suppress(Exception):
+        remove_placement_group(pg)
