@@ -26,6 +26,8 @@ from recps.embedding.config import (
 from recps.embedding.errors import (
     CapacityError,
     CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
     ConfigError,
     DimensionMismatchError,
     DtypeError,
@@ -45,6 +47,8 @@ __all__ = [
     "AdmissionConfig",
     "CapacityError",
     "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "DimensionMismatchError",
     "DtypeError",

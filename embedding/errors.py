@@ -128,6 +128,18 @@ class CheckpointError(StorageError):
     pass
 
 
+class CheckpointNotFoundError(CheckpointError):
+    """No checkpoint where one was named."""
+
+    status = "NOT_FOUND"
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint exists but does not fit: another shard's, or slots moved since."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class PermissionDeniedError(RecpsError):
     status = "PERMISSION_DENIED"
 

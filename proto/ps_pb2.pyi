@@ -262,6 +262,28 @@ class CheckpointResponse(_message.Message):
     seconds: float
     def __init__(self, path: _Optional[str] = ..., rows: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
+class RestoreRequest(_message.Message):
+    __slots__ = ("dir", "tag", "dry_run")
+    DIR_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dir: str
+    tag: str
+    dry_run: bool
+    def __init__(self, dir: _Optional[str] = ..., tag: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("path", "rows", "tables", "seconds")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    rows: int
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    seconds: float
+    def __init__(self, path: _Optional[str] = ..., rows: _Optional[int] = ..., tables: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class GetShardMapRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

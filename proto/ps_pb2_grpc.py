@@ -66,6 +66,11 @@ class ParameterServerStub:
                 request_serializer=recps_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=recps_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/recps.ps.v1.ParameterServer/Restore',
+                request_serializer=recps_dot_proto_dot_ps__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=recps_dot_proto_dot_ps__pb2.RestoreResponse.FromString,
+                _registered_method=True)
         self.GetShardMap = channel.unary_unary(
                 '/recps.ps.v1.ParameterServer/GetShardMap',
                 request_serializer=recps_dot_proto_dot_ps__pb2.GetShardMapRequest.SerializeToString,
@@ -125,6 +130,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Restore(self, request, context):
+        """Rolls this shard's tables (weights, optimizer state, admission counts) and push
+        de-duplication state back to a checkpoint written by Checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetShardMap(self, request, context):
         """The slot -> shard routing table this shard currently believes in.
         """
@@ -172,6 +185,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=recps_dot_proto_dot_ps__pb2.CheckpointRequest.FromString,
                     response_serializer=recps_dot_proto_dot_ps__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=recps_dot_proto_dot_ps__pb2.RestoreRequest.FromString,
+                    response_serializer=recps_dot_proto_dot_ps__pb2.RestoreResponse.SerializeToString,
             ),
             'GetShardMap': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShardMap,
@@ -348,6 +366,33 @@ class ParameterServer:
             '/recps.ps.v1.ParameterServer/Checkpoint',
             recps_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
             recps_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recps.ps.v1.ParameterServer/Restore',
+            recps_dot_proto_dot_ps__pb2.RestoreRequest.SerializeToString,
+            recps_dot_proto_dot_ps__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -437,6 +437,18 @@ class PSClient:
             "Checkpoint", ps_pb2.CheckpointRequest(dir=directory, tag=tag), timeout=3600
         )
 
+    def restore(self, directory: str, tag: str) -> dict[int, ps_pb2.RestoreResponse]:
+        """Roll every shard back to ``directory/tag/shard-N`` written by :meth:`checkpoint`.
+
+        Every shard first checks its part (a dry run), so a checkpoint missing a shard's
+        part or taken under another slot layout changes no shard.
+        """
+        dry = ps_pb2.RestoreRequest(dir=directory, tag=tag, dry_run=True)
+        self._each_shard("Restore", dry, timeout=self.config.timeout_s)
+        return self._each_shard(
+            "Restore", ps_pb2.RestoreRequest(dir=directory, tag=tag), timeout=3600
+        )
+
     def install_shard_map(self, new: ShardMap, addresses: Iterable[str] | None = None) -> None:
         """Install ``new`` on the given shards (default: every shard it names) through
         ``UpdateShardMap``; a shard that already holds a newer or equal epoch raises

@@ -45,6 +45,8 @@ _CLASSES: dict[str, type[E.RecpsError]] = {
         E.StorageError,
         E.StoreClosedError,
         E.CheckpointError,
+        E.CheckpointNotFoundError,
+        E.CheckpointMismatchError,
         E.PermissionDeniedError,
         E.UnauthenticatedError,
     )

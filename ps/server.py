@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -137,6 +138,12 @@ class _Dedup:
             return {
                 k: {"high": v["high"], "done": sorted(v["done"])} for k, v in self._clients.items()
             }
+
+    def replace(self, d: dict[str, Any]) -> None:
+        """Forget everything, then load ``d`` (a restore rolls the marks back too)."""
+        with self._lock:
+            self._clients.clear()
+        self.load(d)
 
     def load(self, d: dict[str, Any]) -> None:
         with self._lock:
@@ -456,6 +463,70 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             path=str(root),
             rows=rows,
             tables=sorted(self._tables),
+            seconds=time.perf_counter() - t0,
+        )
+
+    @_rpc("Restore")
+    def Restore(self, request: ps_pb2.RestoreRequest, context: Any) -> ps_pb2.RestoreResponse:
+        if not request.dir or not request.tag:
+            raise E.InvalidArgumentError("Restore needs dir and tag")
+        if "/" in request.tag or request.tag in (".", ".."):
+            raise E.InvalidArgumentError(f"checkpoint tag {request.tag!r} must be a plain name")
+        root = Path(request.dir) / request.tag / f"shard-{self.config.shard_id}"
+        try:
+            manifest = json.loads((root / "manifest.json").read_text())
+        except FileNotFoundError:
+            raise E.CheckpointNotFoundError(f"no checkpoint of this shard at {root}") from None
+        except (OSError, ValueError) as e:
+            raise E.CheckpointError(f"unreadable checkpoint manifest in {root}: {e}") from e
+        if manifest.get("shard_id") != self.config.shard_id:
+            raise E.CheckpointMismatchError(
+                f"{root} is shard {manifest.get('shard_id')}'s, this is {self.config.shard_id}"
+            )
+        saved = ShardMap.from_dict(manifest["shard_map"])
+        sid = self.config.shard_id
+        if not np.array_equal(saved.slots_of(sid), self.shard_map.slots_of(sid)):
+            raise E.CheckpointMismatchError(
+                f"{root} covers other slots than shard {sid} owns now "
+                f"(map epoch {saved.epoch} then, {self.shard_map.epoch} now); restore the "
+                "shard map of the checkpoint first"
+            )
+        configs = [TableConfig.from_dict(d) for d in manifest["tables"]]
+        t0 = time.perf_counter()
+        rows = 0
+        # Exclusive: no push lands half-before, half-after the rollback.
+        with self._gate.exclusive(), self._tables_lock:
+            for cfg in configs:  # every table first checked, so a bad one changes nothing
+                if not (root / "tables" / cfg.name / "manifest.json").exists():
+                    raise E.CheckpointError(f"{root} lacks table {cfg.name!r}")
+                cur = self._tables.get(cfg.name)
+                if cur is not None and cur.config.dim != cfg.dim:
+                    raise E.CheckpointMismatchError(
+                        f"table {cfg.name!r} has dim {cur.dim} here, {cfg.dim} in {root}"
+                    )
+            if request.dry_run:
+                return ps_pb2.RestoreResponse(
+                    path=str(root),
+                    rows=int(manifest.get("rows", 0)),
+                    tables=[c.name for c in configs],
+                )
+            for name in sorted(set(self._tables) - {c.name for c in configs}):
+                # Created after the checkpoint: a rollback removes it.
+                self._tables.pop(name).close()
+                shutil.rmtree(self.data_dir / "tables" / name, ignore_errors=True)
+            for cfg in configs:
+                store = self._tables.get(cfg.name)
+                if store is None:
+                    store = self._tables[cfg.name] = self._new_store(cfg)
+                store.restore(root / "tables" / cfg.name)
+                rows += store.stats().rows_on_disk
+            self._save_tables()
+            self._dedup.replace(manifest.get("dedup", {}))
+            self.save_dedup()
+        return ps_pb2.RestoreResponse(
+            path=str(root),
+            rows=rows,
+            tables=[c.name for c in configs],
             seconds=time.perf_counter() - t0,
         )
 

@@ -81,6 +81,7 @@ def test_services_and_rpcs():
         "ListTables",
         "Stats",
         "Checkpoint",
+        "Restore",
         "GetShardMap",
         "UpdateShardMap",
     }
