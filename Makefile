@@ -4,10 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The main job: ~1M synthetic rows, DLRM, 2 PS shards + 2 workers on a local Ray.
 demo: venv
+	$(BIN)/recps train --config deploy/demo.yaml --overwrite
+
+demo-store: venv
 	$(BIN)/recps demo store
 
-.PHONY: demo venv test test-slow test-all bench bench-quick lint fmt clean
+.PHONY: demo demo-store venv test test-slow test-all bench bench-quick lint fmt clean
 
 venv: $(STAMP)
 

@@ -16,14 +16,19 @@ call), which is what the caller gets back.
 The ceiling: a second process serves a bare ``recps.ps.v1.Echo`` servicer
 (``benchmarks/_echo_server.py``) built like a shard: the same thread pool, the same
 ``maximum_concurrent_rpcs`` and server options; the client channel has the same options
-as ``PSClient``'s and calls it the same way (``stub.Method.future(req, timeout=...)
-.result()``). For every Zipf batch, the echo call sends exactly as many bytes as that
+as ``PSClient``'s and calls it the same way. ``PSClient`` sends a request that goes to one
+shard as one blocking call (``stub.Method(req, timeout=...)``; several shards go out at
+once as futures), so with this one-shard workload the ceilings are measured with blocking
+calls too, and so are the raw-stub figures. The future-style echo stays as a reference
+(``grpc_ceiling_future_*``): a future starts a channel spin thread whenever the channel had
+no call in flight, which costs ~0.3 ms of CPU a call here; ratios must never credit the PS
+with a change of call style. For every Zipf batch, the echo call sends exactly as many bytes as that
 batch's real request and gets back exactly as many as its real response (measured from
 serialized PS messages, response sizes from real calls). A Lookup is small-request /
 big-response and a Push the reverse, so there is one ceiling per shape, and each ratio is
 taken against its own shape, with the same 4096 rows counted per round trip:
 
-* grpc_ceiling_rows_per_s       echo round trips of the Lookup shape x 4096
+* grpc_ceiling_rows_per_s       echo round trips of the Lookup shape x 4096 (blocking)
 * grpc_ceiling_push_rows_per_s  echo round trips of the Push shape x 4096
 * lookup_rows_per_s             PSClient.lookup, create_missing=True, float32 rows
 * push_rows_per_s               PSClient.push (client-side unique_sum, server Adagrad)
@@ -31,12 +36,12 @@ taken against its own shape, with the same 4096 rows counted per round trip:
 * lookup_raw_rows_per_s, push_raw_rows_per_s
                                 the same requests prebuilt and sent on a raw stub: the
                                 server's share without PSClient's numpy work
-* grpc_ceiling_blocking_*       the echo called with a blocking ``stub.Method(req)``
-                                instead of ``.future().result()``. Reference only while
-                                PSClient uses futures; a future starts a channel spin
-                                thread whenever the channel had no call in flight. Should
-                                PSClient switch to blocking calls, the ceilings must switch
-                                too, or the ratios would credit it with a gRPC call style.
+* grpc_ceiling_future_*         the echo called as ``.future(req).result()`` (reference;
+                                not measured with --quick)
+* lookup_26_tables_rows_per_s, grpc_ceiling_26_tables_rows_per_s, lookup_26_tables_ratio
+                                a training-job shape: 26 tables of dim 16 in one request,
+                                4096 Zipf ids split over them (~158 a table), against an
+                                echo of the same sizes; tracks per-table overhead (no target)
 * lookup_p99_ms, lookup_p50_ms, lookup_concurrent_rows_per_s
                                 ``--concurrency`` (8) threads sharing one PSClient,
                                 each doing lookups back to back for ``--p99-seconds``
@@ -77,6 +82,7 @@ import numpy as np
 BATCH = 4096
 DIM = 64
 TABLE = "bench"
+MULTI_TABLES, MULTI_DIM = 26, 16  # the training job's shape: many narrow tables
 HERE = Path(__file__).resolve().parent
 
 
@@ -85,7 +91,8 @@ HERE = Path(__file__).resolve().parent
 # PS shard, which sent 16 MB responses while being populated, ends up at ~0 faults a call
 # and a fresh echo server at ~300 (a slower ceiling). Pinning the thresholds in every
 # process of the run (servers through the environment, this one through mallopt) makes
-# both sides alike; --glibc-malloc-defaults measures without it.
+# both sides alike; --glibc-malloc-defaults measures without it (and tells the shard, which
+# since then pins them itself at start-up, not to).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
 
 
@@ -124,12 +131,12 @@ def zipf_batches(n_rows: int, n_batches: int, seed: int, a: float = 1.1) -> list
     return out
 
 
-def table_config() -> Any:
+def table_config(name: str = TABLE, dim: int = DIM) -> Any:
     from recps.embedding import InitializerConfig, OptimizerConfig, TableConfig
 
     return TableConfig(
-        TABLE,
-        DIM,
+        name,
+        dim,
         initializer=InitializerConfig("uniform", 0.01),
         optimizer=OptimizerConfig("adagrad", lr=0.05),
     )
@@ -326,6 +333,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
 
 
@@ -362,6 +372,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "--memory-mb",
                 str(memory_mb),
                 *server_args,
+                # The shard pins its thresholds itself (ServerConfig.pin_malloc_thresholds).
+                *(["--glibc-malloc-defaults"] if args.glibc_malloc_defaults else []),
             ],
             workdir / "ps.log",
             malloc_env,
@@ -436,10 +448,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         timeout = cfg.timeout_s
 
         def raw_lookup(req: Any) -> Any:
-            return stub.Lookup.future(req, timeout=timeout).result()
+            return stub.Lookup(req, timeout=timeout)
 
         def raw_push(tg: Any) -> Any:
-            return stub.Push.future(push_req(tg), timeout=timeout).result()
+            return stub.Push(push_req(tg), timeout=timeout)
 
         # Real wire sizes, responses from real calls (this also warms the server).
         lookup_sizes = [(r.ByteSize(), raw_lookup(r).ByteSize()) for r in lookup_reqs]
@@ -458,9 +470,42 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         def echo_blocking(req: Any) -> Any:
             return estub.Echo(req, timeout=timeout)
 
-        for reqs, sizes in ((echo_lookup, lookup_sizes), (echo_push, push_sizes)):
+        # The training-job shape: 26 tables of dim 16, the 4096 ids of a batch split
+        # over them; real sizes from prebuilt requests, as above.
+        multi = [f"{TABLE}{k:02d}" for k in range(MULTI_TABLES)]
+        for name in multi:
+            client.create_table(table_config(name, MULTI_DIM))
+        multi_rows = max(args.rows // 10, 10_000)
+        t = time.perf_counter()
+        for i in range(0, multi_rows, chunk):
+            ids = np.arange(i, min(i + chunk, multi_rows), dtype=np.int64)
+            client.lookup(dict.fromkeys(multi, ids), assume_unique=True)
+        dt = time.perf_counter() - t
+        log(f"populated {MULTI_TABLES} tables x {multi_rows} rows in {dt:.1f}s")
+        multi_batches = [
+            dict(zip(multi, np.array_split(b, MULTI_TABLES)))
+            for b in zipf_batches(multi_rows, args.batches, seed=4)
+        ]
+        multi_sizes = []
+        for mb in multi_batches:
+            r = ps_pb2.LookupRequest(
+                shard_map_epoch=epoch,
+                tables=[
+                    ps_pb2.TableIds(table=t, ids=encode_ids(np.unique(v))) for t, v in mb.items()
+                ],
+                create_missing=True,
+                want_dtype=want,
+            )
+            multi_sizes.append((r.ByteSize(), raw_lookup(r).ByteSize()))
+        echo_multi = [echo_request(q, r) for q, r in multi_sizes]
+
+        for reqs, sizes in (
+            (echo_lookup, lookup_sizes),
+            (echo_push, push_sizes),
+            (echo_multi, multi_sizes),
+        ):
             for r, (_, reply) in zip(reqs[:3], sizes[:3]):
-                assert echo_future(r).ByteSize() == reply, "echo reply size mismatch"
+                assert echo_blocking(r).ByteSize() == reply, "echo reply size mismatch"
 
         def ps_lookup(b: np.ndarray) -> Any:
             return client.lookup({TABLE: b}, dtype=args.lookup_dtype)
@@ -468,29 +513,42 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         def ps_push(b: np.ndarray) -> Any:
             return client.push({TABLE: (b, grads)})
 
+        def ps_lookup_multi(mb: dict[str, np.ndarray]) -> Any:
+            return client.lookup(mb, dtype=args.lookup_dtype)
+
         for b in batches[:3]:  # warm PSClient's paths too
             ps_lookup(b)
         for b in push_batches[:3]:
             ps_push(b)
+        for mb in multi_batches[:3]:
+            ps_lookup_multi(mb)
 
         ps_pid, echo_pid = ps.popen.pid, echo.popen.pid
         plan = [
-            Workload("grpc_ceiling_rows_per_s", echo_future, echo_lookup, echo_pid),
+            Workload("grpc_ceiling_rows_per_s", echo_blocking, echo_lookup, echo_pid),
             Workload("lookup_rows_per_s", ps_lookup, batches, ps_pid),
             Workload("lookup_raw_rows_per_s", raw_lookup, lookup_reqs, ps_pid),
-            Workload("grpc_ceiling_blocking_rows_per_s", echo_blocking, echo_lookup, echo_pid),
-            Workload("grpc_ceiling_push_rows_per_s", echo_future, echo_push, echo_pid),
+            Workload("grpc_ceiling_push_rows_per_s", echo_blocking, echo_push, echo_pid),
             Workload("push_rows_per_s", ps_push, push_batches, ps_pid),
             Workload("push_raw_rows_per_s", raw_push, push_tables, ps_pid),
-            Workload("grpc_ceiling_blocking_push_rows_per_s", echo_blocking, echo_push, echo_pid),
+            Workload("grpc_ceiling_26_tables_rows_per_s", echo_blocking, echo_multi, echo_pid),
+            Workload("lookup_26_tables_rows_per_s", ps_lookup_multi, multi_batches, ps_pid),
         ]
+        if not args.quick:  # references only; --quick keeps to its 30 s
+            plan += [
+                Workload("grpc_ceiling_future_rows_per_s", echo_future, echo_lookup, echo_pid),
+                Workload("grpc_ceiling_future_push_rows_per_s", echo_future, echo_push, echo_pid),
+            ]
         res: dict[str, Any] = {}
-        ratios: dict[str, list[float]] = {"lookup": [], "push": []}
+        ratios: dict[str, list[float]] = {"lookup": [], "push": [], "lookup_26_tables": []}
         t = time.perf_counter()
         for r in range(args.rounds):
             got = {w.key: w.run(args.seconds) for w in plan}
             ratios["lookup"].append(got["lookup_rows_per_s"] / got["grpc_ceiling_rows_per_s"])
             ratios["push"].append(got["push_rows_per_s"] / got["grpc_ceiling_push_rows_per_s"])
+            ratios["lookup_26_tables"].append(
+                got["lookup_26_tables_rows_per_s"] / got["grpc_ceiling_26_tables_rows_per_s"]
+            )
             figures = (f"{k.removesuffix('_rows_per_s')}={v / 1e6:.2f}M" for k, v in got.items())
             log(f"round {r + 1}/{args.rounds}: " + ", ".join(figures))
         log(f"{args.rounds} rounds in {time.perf_counter() - t:.1f}s")
@@ -499,6 +557,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # Ratio of each round's figures, measured back to back: shows how noisy the run was.
         res["lookup_ratio_per_round"] = ratios["lookup"]
         res["push_ratio_per_round"] = ratios["push"]
+        res["lookup_26_tables_ratio_per_round"] = ratios["lookup_26_tables"]
         res["per_call"] = {w.key.removesuffix("_rows_per_s"): w.per_call() for w in plan}
 
         st0 = client.stats()[0].tables[0]
@@ -516,6 +575,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         res["lookup_response_bytes"] = float(np.mean([s for _, s in lookup_sizes]))
         res["push_request_bytes"] = float(np.mean([q for q, _ in push_sizes]))
         res["push_response_bytes"] = float(np.mean([s for _, s in push_sizes]))
+        res["lookup_26_tables_request_bytes"] = float(np.mean([q for q, _ in multi_sizes]))
+        res["lookup_26_tables_response_bytes"] = float(np.mean([s for _, s in multi_sizes]))
         res["lookup_dtype"] = args.lookup_dtype
         res["max_workers"] = args.max_workers
     finally:
@@ -527,6 +588,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     res["push_ratio"] = res["push_rows_per_s"] / res["grpc_ceiling_push_rows_per_s"]
     res["lookup_raw_ratio"] = res["lookup_raw_rows_per_s"] / res["grpc_ceiling_rows_per_s"]
     res["push_raw_ratio"] = res["push_raw_rows_per_s"] / res["grpc_ceiling_push_rows_per_s"]
+    res["lookup_26_tables_ratio"] = (
+        res["lookup_26_tables_rows_per_s"] / res["grpc_ceiling_26_tables_rows_per_s"]
+    )
     # The same ratios from CPU time (client + server) per call: a steadier proxy when other
     # jobs share the cores, since a lone request stream runs its client and server in turn.
     cpu = {k: v["client_cpu_ms"] + v["server_cpu_ms"] for k, v in res["per_call"].items()}

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import data_cmds
 
     data_cmds.add_parser(sub)
+
+    from recps.cli import train_cmds
+
+    train_cmds.add_parser(sub)
     return parser
 
 

@@ -1,9 +1,10 @@
 """The in-memory hot tier: rows in flat numpy arrays behind a vectorized hash index.
 
 * Index: open addressing with linear probing in one ``int64 [cap, 2]`` array (key,
-  slot), so a probe touches one cache line. Slot ``-1`` marks empty, ``-2`` a
-  tombstone left by eviction. Every operation probes the whole batch at once; the
-  Python loop runs once per probe *round*, not per id.
+  slot), so a probe touches one cache line; slot ``-1`` marks empty. Every operation
+  probes the whole batch at once, the home cell first and then windows of ``_PROBE``
+  cells, so the Python loop runs once per probe *round*, not per id. Removal leaves no
+  tombstones (displaced neighbours are re-inserted), so chains never silt up.
 * Rows: ``emb``, ``state``, ``updated_at``, ``count`` arrays indexed by slot, plus flag
   arrays (dirty, on_disk, pinned) and a GCLOCK reference counter for eviction.
 * Eviction: generalized CLOCK. A hit bumps the row's counter (saturating at
@@ -15,13 +16,20 @@ The tier never touches RocksDB; :class:`TieredStore` moves rows in and out.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+
 import numpy as np
 
 from recps.embedding.hashing import as_u64, fast_hash
 
-EMPTY, TOMBSTONE = -1, -2
+EMPTY = -1
 MAX_REF = 7
 _INDEX_BYTES = 16  # one (key, slot) pair
+_PROBE = 8  # cells probed per id per round after the home cell (two cache lines)
+_LANES = np.arange(_PROBE)
+_HUGE_MIN_BYTES = 4 << 20
+_HUGE_OK = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 
 
 def take_rows(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -37,6 +45,24 @@ def put_rows(arr: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
     row = np.dtype((np.void, arr.shape[1] * arr.itemsize))
     vals = np.ascontiguousarray(values, dtype=arr.dtype)
     np.put(arr.view(row).reshape(-1), idx, vals.view(row).reshape(-1))
+
+
+def zeros(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+    """``np.zeros`` for the large row and index arrays, backed by transparent huge pages.
+
+    Gathers and probes hit random rows of arrays of tens or hundreds of MB: with 4 KiB
+    pages nearly every row costs a TLB miss as well as a cache miss. The mapping is
+    anonymous and lazy like ``np.zeros``: untouched capacity still costs no RSS (at 2 MiB
+    granularity). Where huge pages are unavailable this is plain ``np.zeros``.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes < _HUGE_MIN_BYTES or not _HUGE_OK:
+        return np.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP off: a plain lazy mapping, as np.zeros gives
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def _next_pow2(n: int) -> int:
@@ -57,9 +83,9 @@ class HotTier:
         self.capacity = int(cap)
         self._icap = icap
         self._shift = np.uint64(64 - (icap.bit_length() - 1))
-        # np.zeros maps lazily: pages count toward RSS only once rows are written.
-        self.emb = np.zeros((cap, dim), dtype=emb_dtype)
-        self.state = np.zeros((cap, state_width), dtype=np.float32)
+        # Lazy mappings: pages count toward RSS only once rows are written.
+        self.emb = zeros((cap, dim), emb_dtype)
+        self.state = zeros((cap, state_width), np.float32)
         self.updated_at = np.zeros(cap, dtype=np.float64)
         self.count = np.zeros(cap, dtype=np.int64)
         self.row_id = np.zeros(cap, dtype=np.int64)
@@ -68,12 +94,11 @@ class HotTier:
         self.on_disk = np.zeros(cap, dtype=bool)
         self.pinned = np.zeros(cap, dtype=bool)
         self.occupied = np.zeros(cap, dtype=bool)
-        self._index = np.empty((icap, 2), dtype=np.int64)
+        self._index = zeros((icap, 2), np.int64)
         self._index[:, 1] = EMPTY
         # The same memory seen as one 16-byte item per cell: a 1-D gather of (key, slot)
         # pairs is ~10x faster than fancy-indexing the 2-D array.
         self._cells = self._index.view(np.complex128).reshape(-1)
-        self._tombstones = 0
         self._free = np.arange(cap - 1, -1, -1, dtype=np.int64)  # a stack; pops from the end
         self._n_free = cap
         self._hand = 0
@@ -84,70 +109,111 @@ class HotTier:
     def _home(self, ids: np.ndarray) -> np.ndarray:
         return (fast_hash(as_u64(ids)) >> self._shift).astype(np.int64)
 
-    def find(self, ids: np.ndarray) -> np.ndarray:
-        """Slot of each id, or -1. Duplicates are fine."""
-        n = len(ids)
+    def _window(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cells ``pos .. pos+_PROBE-1`` of each position: (cell numbers, keys, slots), [m, W].
+
+        Probing a window per round instead of one cell bounds the Python-level rounds by
+        chain length / W: misses and tombstone-lengthened chains cost a few rounds, not dozens.
+        """
+        win = pos[:, None] + _LANES
+        win &= self._icap - 1
+        e = self._cells.take(win).view(np.int64).reshape(len(pos), _PROBE, 2)
+        return win, e[:, :, 0], e[:, :, 1]
+
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cell and slot of each id, or (-1, -1) where absent. Duplicates are fine."""
         pos = self._home(ids)
-        entries = self._cells[pos].view(np.int64).reshape(-1, 2)
+        # First round, one cell each: most ids sit in their home cell.
+        entries = self._cells.take(pos).view(np.int64).reshape(-1, 2)
         slots = entries[:, 1].copy()
-        hit = (slots >= 0) & (entries[:, 0] == ids)
+        hit = slots >= 0
+        hit &= entries[:, 0] == ids
+        cells = np.where(hit, pos, -1)
         pending = np.flatnonzero(~hit & (slots != EMPTY))
         slots[~hit] = EMPTY
-        mask = self._icap - 1
+        pos += 1
         while len(pending):
-            p = (pos[pending] + 1) & mask
-            pos[pending] = p
-            e = self._cells[p].view(np.int64).reshape(-1, 2)
-            s = e[:, 1]
-            h = (s >= 0) & (e[:, 0] == ids[pending])
-            slots[pending[h]] = s[h]
-            pending = pending[~h & (s != EMPTY)]
-        # Tombstones lengthen every probe chain; a rebuild is O(rows) and cheap by comparison.
-        if n and self._tombstones > self._icap // 8:
-            self._rebuild()
-        return slots
+            win, keys, sl = self._window(pos[pending])
+            match = (sl >= 0) & (keys == ids[pending, None])
+            stop = match | (sl == EMPTY)  # a key never lies beyond an empty cell
+            ended = stop.any(axis=1)
+            j = stop.argmax(axis=1)
+            rows = np.arange(len(pending))
+            found = match[rows, j] & ended
+            done = pending[found]
+            slots[done] = sl[rows, j][found]
+            cells[done] = win[rows, j][found]
+            left = ~ended
+            pending = pending[left]
+            pos[pending] += _PROBE
+        return cells, slots
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """Slot of each id, or -1. Duplicates are fine."""
+        return self._locate(ids)[1]
 
     def _index_insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Insert ids known to be absent and unique."""
         pos = self._home(ids)
         pending = np.arange(len(ids))
-        mask = self._icap - 1
+        keycol, slotcol = self._index[:, 0], self._index[:, 1]
         while len(pending):
-            p = pos[pending]
-            free = self._index[p, 1] < 0
-            cand = pending[free]
-            cp = p[free]
-            # Two ids may want the same free cell this round; the first one wins it.
-            cells, first = np.unique(cp, return_index=True)
-            winners = cand[first]
-            reused = int(np.count_nonzero(self._index[cells, 1] == TOMBSTONE))
-            self._tombstones -= reused
-            self._index[cells, 0] = ids[winners]
-            self._index[cells, 1] = slots[winners]
-            won = np.zeros(len(ids), dtype=bool)
-            won[winners] = True
-            pending = pending[~won[pending]]
-            pos[pending] = (pos[pending] + 1) & mask
+            win, _, sl = self._window(pos[pending])
+            free = sl < 0
+            has = free.any(axis=1)
+            j = free.argmax(axis=1)
+            rows = np.flatnonzero(has)
+            cand = pending[rows]
+            target = win[rows, j[rows]]
+            # Two ids may want the same free cell: write every key, read back, and the id
+            # whose key stuck has won it (ids are unique, so exactly one per cell).
+            keycol[target] = ids[cand]
+            won = keycol[target] == ids[cand]
+            slotcol[target[won]] = slots[cand[won]]
+            # Losers go on from just past the cell they lost; windows with no free cell
+            # move on by a whole window.
+            pos[cand] = target + 1
+            pos[pending[~has]] += _PROBE
+            keep = ~has
+            keep[rows[won]] = False
+            keep[rows[~won]] = True
+            pending = pending[keep]
+            pos[pending] &= self._icap - 1
 
     def _index_remove(self, ids: np.ndarray) -> None:
-        pos = self._home(ids)
-        pending = np.arange(len(ids))
-        mask = self._icap - 1
-        while len(pending):
-            p = pos[pending]
-            e = self._index[p]
-            h = (e[:, 1] >= 0) & (e[:, 0] == ids[pending])
-            self._index[p[h], 1] = TOMBSTONE
-            self._tombstones += int(np.count_nonzero(h))
-            assert not np.any(e[~h, 1] == EMPTY), "removing an id the index does not hold"
-            pending = pending[~h]
-            pos[pending] = (pos[pending] + 1) & mask
+        """Delete ids the index holds, leaving no tombstones behind.
 
-    def _rebuild(self) -> None:
-        live = np.flatnonzero(self.occupied)
-        self._index[:, 1] = EMPTY
-        self._tombstones = 0
-        self._index_insert(self.row_id[live], live)
+        Tombstones would lengthen every later probe chain (a miss must walk past them) and
+        need periodic rebuilds. Instead the freed cells are emptied, and the entries of the
+        run of occupied cells after each one that sit away from their home cell, the only
+        ones whose probe path can have crossed it, are taken out and inserted again. At
+        load <= 1/2 that is well under one entry per removal.
+        """
+        if not len(ids):
+            return
+        cells, _ = self._locate(ids)
+        assert (cells >= 0).all(), "removing an id the index does not hold"
+        slotcol = self._index[:, 1]
+        slotcol[cells] = EMPTY
+        # Emptying every freed cell first makes the runs after them disjoint.
+        moved: list[np.ndarray] = []
+        pos = cells + 1
+        while len(pos):
+            win, _, sl = self._window(pos)
+            empty = sl == EMPTY
+            ended = empty.any(axis=1)
+            run = np.where(ended, empty.argmax(axis=1), _PROBE)
+            moved.append(win[run[:, None] > _LANES])
+            pos = pos[~ended] + _PROBE
+        cells_moved = np.concatenate(moved)
+        if len(cells_moved):
+            entries = self._cells.take(cells_moved).view(np.int64).reshape(-1, 2)
+            keys = entries[:, 0].copy()
+            # An entry in its home cell never crossed a freed cell: it stays.
+            away = self._home(keys) != cells_moved
+            cells_moved = cells_moved[away]
+            slotcol[cells_moved] = EMPTY
+            self._index_insert(keys[away], entries[away, 1])
 
     # ---- rows ---------------------------------------------------------------------------
 

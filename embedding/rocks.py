@@ -40,7 +40,7 @@ def _options(cfg: TieredStoreConfig, cache: rd.Cache | None) -> rd.Options:
         bbo.disable_cache()
     bbo.set_cache_index_and_filter_blocks(True)
     bbo.set_pin_l0_filter_and_index_blocks_in_cache(True)
-    bbo.set_block_size(4096)
+    bbo.set_block_size(cfg.block_bytes)
     opts.set_block_based_table_factory(bbo)
     if cfg.row_cache_bytes:
         opts.set_row_cache(rd.Cache(cfg.row_cache_bytes))

@@ -17,8 +17,9 @@ _SIGN = np.uint64(1 << 63)
 
 
 def encode_keys(ids: np.ndarray) -> list[bytes]:
-    buf = (ids.view(np.uint64) ^ _SIGN).astype(">u8").tobytes()
-    return [buf[i : i + 8] for i in range(0, len(buf), 8)]
+    # Each 8-byte void item becomes one bytes object in C (no per-key Python slicing;
+    # unlike "S8", void items keep trailing zero bytes).
+    return (ids.view(np.uint64) ^ _SIGN).astype(">u8").view("V8").tolist()
 
 
 def decode_keys(keys: list[bytes]) -> np.ndarray:
@@ -56,8 +57,7 @@ class RowCodec:
         rec["state"] = state
         rec["updated_at"] = updated_at
         rec["count"] = count
-        buf, r = rec.tobytes(), self.record_bytes
-        return [buf[i : i + r] for i in range(0, len(buf), r)]
+        return rec.view(np.dtype((np.void, self.record_bytes))).tolist()
 
     def unpack(self, values: list[bytes]) -> np.ndarray:
         """Decode values into a structured array with fields emb/state/updated_at/count."""

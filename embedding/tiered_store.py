@@ -20,6 +20,7 @@ bug, where weights and slots were saved at different instants, cannot occur).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -75,6 +76,8 @@ class TieredStore(EmbeddingStore):
     ) -> None:
         super().__init__(config, clock)
         self._write_lock = threading.Lock()
+        # Admission decided for a whole chunked lookup (see _admit_absent), else None.
+        self._pre_admitted: np.ndarray | None = None
         self.path = Path(path)
         self.store_config = store_config or TieredStoreConfig()
         self.codec = RowCodec(config.dim, config.dtype, self.state_width)
@@ -230,6 +233,32 @@ class TieredStore(EmbeddingStore):
         self._hot.remove(victims)
         self._stats.evictions += len(victims)
 
+    def _make_room(self, k: int, pinned: np.ndarray) -> None:
+        """Evict until ``k`` slots are free, never a row of the batch being served."""
+        hot = self._hot
+        if hot.n_free >= k:
+            return
+        hot.pinned[pinned] = True
+        try:
+            self._evict(hot.select_victims(k - hot.n_free))
+        finally:
+            hot.pinned[pinned] = False
+
+    def _admit_absent(self, uids: np.ndarray) -> np.ndarray:
+        """Count one sighting of every id of ``uids`` stored in neither tier; return those
+        now admitted.
+
+        A lookup larger than a chunk must count all its missing ids before any estimate,
+        as MemoryStore does: counting chunk by chunk would let sketch collisions with the
+        ids of earlier chunks admit different ids.
+        """
+        absent = uids[self._hot.find(uids) < 0]
+        if len(absent) and self._disk_rows > 0:
+            self._await_write_back()
+            vals = np.array(self._rocks.multi_get(encode_keys(absent)), dtype=object)
+            absent = absent[np.equal(vals, None)]
+        return absent[self._admit_for_lookup(absent)]
+
     def _bring_in(self, uids: np.ndarray, pinned: np.ndarray, mode: str) -> np.ndarray:
         """Load or create rows for unique ids absent from the hot tier.
 
@@ -243,25 +272,27 @@ class TieredStore(EmbeddingStore):
         if self._disk_rows > 0:
             self._await_write_back()  # an evicted row may be in it, not yet in RocksDB
             vals = self._rocks.multi_get(encode_keys(uids))
-            found = np.fromiter((v is not None for v in vals), dtype=bool, count=n)
-            if found.any():
-                recs = self.codec.unpack([v for v in vals if v is not None])
+            if None in vals:  # C-level scans, no per-key Python loop
+                found = np.not_equal(np.array(vals, dtype=object), None)
+                vals = list(itertools.compress(vals, found))
+            else:
+                found = np.ones(n, dtype=bool)
+            if vals:
+                recs = self.codec.unpack(vals)
         create = np.zeros(n, dtype=bool)
         absent = np.flatnonzero(~found)
         if len(absent) and mode != "peek":
-            admit = self._admit_for_lookup if mode == "create" else self._admit_for_push
-            create[absent] = admit(uids[absent])
+            if mode == "create" and self._pre_admitted is not None:
+                create[absent] = np.isin(uids[absent], self._pre_admitted, assume_unique=True)
+            else:
+                admit = self._admit_for_lookup if mode == "create" else self._admit_for_push
+                create[absent] = admit(uids[absent])
         bring = found | create
         k = int(np.count_nonzero(bring))
         out = np.full(n, -1, dtype=np.int64)
         if k == 0:
             return out
-        if hot.n_free < k:
-            hot.pinned[pinned] = True
-            try:
-                self._evict(hot.select_victims(k - hot.n_free))
-            finally:
-                hot.pinned[pinned] = False
+        self._make_room(k, pinned)
         slots = hot.insert(uids[bring])
         out[bring] = slots
         if recs is not None:
@@ -291,7 +322,12 @@ class TieredStore(EmbeddingStore):
             # Deduplicate before chunking: an id in two chunks would count twice for admission.
             uids, inv = np.unique(ids, return_inverse=True)
             if len(uids) > self._chunk:
-                parts = self._chunked(lambda x: self._lookup(x, create_missing), uids)
+                if create_missing and self.config.admission.enabled:
+                    self._pre_admitted = self._admit_absent(uids)
+                try:
+                    parts = self._chunked(lambda x: self._lookup(x, create_missing), uids)
+                finally:
+                    self._pre_admitted = None
                 return np.concatenate(parts).take(inv, axis=0)
             return self._lookup(uids, create_missing).take(inv, axis=0)
         hot = self._hot

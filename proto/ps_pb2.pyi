@@ -243,12 +243,14 @@ class StatsResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., slot_ids: _Optional[_Iterable[int]] = ..., slot_rows: _Optional[_Iterable[int]] = ..., slot_requests: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("dir", "tag")
+    __slots__ = ("dir", "tag", "request_id")
     DIR_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     dir: str
     tag: str
-    def __init__(self, dir: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, dir: _Optional[str] = ..., tag: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
     __slots__ = ("path", "rows", "tables", "seconds")

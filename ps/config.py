@@ -52,6 +52,10 @@ class ServerConfig:
     # Requests beyond this many in flight get RESOURCE_EXHAUSTED at once (back-pressure)
     # instead of queueing without bound.
     max_concurrent_rpcs: int = 64
+    # gRPC's thread pool. Handlers hold the GIL for most of their numpy work, so threads
+    # beyond the cores mostly add switching; 8 keeps slow calls (checkpoints, cold RocksDB
+    # reads, which release the GIL) from blocking fast ones. Not yet re-measured against 2
+    # and 4 on the 2-core box: benchmarks/ps.py --max-workers N does that.
     max_workers: int = 8
     tls: TlsConfig | None = None
     auth_token: str | None = None  # bearer token required in call metadata when set
@@ -59,6 +63,11 @@ class ServerConfig:
     dedup_window: int = 8192  # recent push sequence numbers remembered per client
     slot_scan_interval_s: float = 60.0  # how stale per-slot row counts may get
     shutdown_grace_s: float = 10.0
+    # Process start-up (ps/main.py): pin glibc's mmap/trim thresholds (Linux/glibc only;
+    # skipped elsewhere). Otherwise glibc mmaps and unmaps every ~400 KB message buffer
+    # until its dynamic threshold happens to rise: page faults on every request, which
+    # doubled the CPU of a fresh shard's Lookup in benchmarks/ps.py.
+    pin_malloc_thresholds: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard_id < 0xFFFF:

@@ -9,8 +9,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import logging
+import platform
 import signal
 import sys
 import threading
@@ -38,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certs (mTLS)")
+    p.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="do not pin glibc's malloc mmap/trim thresholds at start-up",
+    )
 
 
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
@@ -65,12 +73,37 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         tls=tls,
         auth_token=token,
         metrics_port=a.metrics_port,
+        pin_malloc_thresholds=not a.glibc_malloc_defaults,
+    )
+
+
+# Above every message buffer a shard allocates, below its RSS: buffers come from the heap
+# and freed memory is kept for the next request instead of being returned at once.
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 128 << 20
+
+
+def pin_malloc_thresholds() -> bool:
+    """mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD) for this process; False where that is
+    not glibc (musl, macOS, Windows), which is left alone."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    return bool(
+        mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
+        and mallopt(m_trim_threshold, TRIM_THRESHOLD_BYTES)
     )
 
 
 def run(config: ServerConfig) -> int:
     from recps.ps.server import create_server
 
+    if config.pin_malloc_thresholds:
+        pin_malloc_thresholds()  # before the first large buffer: it decides the rest
     server, port = create_server(config)
     done = threading.Event()
 

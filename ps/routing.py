@@ -41,6 +41,19 @@ def slot_of(table: str, ids: np.ndarray, num_slots: int) -> np.ndarray:
     return (mix64(as_u64(ids) ^ table_salt(table)) >> shift).astype(np.int64)
 
 
+def slots_of_tables(tables: list[str], ids: list[np.ndarray], num_slots: int) -> np.ndarray:
+    """``slot_of`` of every table's ids, concatenated, in one vectorized pass (each id
+    XORed with its own table's salt): a request with 26 tables pays one hash, not 26."""
+    if len(tables) == 1:
+        return slot_of(tables[0], ids[0], num_slots)
+    if not tables:
+        return np.empty(0, dtype=np.int64)
+    salts = np.array([table_salt(t) for t in tables], dtype=np.uint64)
+    salted = as_u64(np.concatenate(ids)) ^ np.repeat(salts, [len(i) for i in ids])
+    shift = np.uint64(64 - (num_slots.bit_length() - 1))
+    return (mix64(salted) >> shift).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class ShardMap:
     """Slot -> shard routing with an epoch that increases on every change.

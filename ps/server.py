@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import hmac
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ from recps.ps import wire
 from recps.ps.config import ServerConfig
 from recps.ps.errors import abort
 from recps.ps.metrics import ServerMetrics, rss_bytes
-from recps.ps.routing import ShardMap, slot_of
+from recps.ps.routing import ShardMap, slot_of, slots_of_tables
 
 log = logging.getLogger("recps.ps.server")
 SERVICE = "recps.ps.v1.ParameterServer"
@@ -96,18 +97,47 @@ class _Dedup:
     """Exactly-once pushes per (client_id, seq), with a bounded window per client.
 
     A retry that arrives while the original is still being applied waits for it, then
-    answers "duplicate". A failed apply forgets its seq so that a retry applies it.
+    answers "duplicate". A push that failed part-way remembers which of its tables were
+    applied (``partial``), so its retry applies only the others.
+
+    Durability (``log_path``, for shards with sync durability): every mark is also
+    appended to a log before the push is answered, so a push whose rows reached the WAL
+    is still known after a kill -9. Records: ``["t", client, seq, table]`` once a table's
+    rows are applied (all tables but the last; the done record covers that one) and
+    ``["d", client, seq]`` when the push is complete. Each record is a ``write(2)``,
+    which a process crash cannot lose (``fsync`` adds an fsync for power loss, as the
+    store's ``fsync`` does for its WAL). ``snapshot`` (clean shutdown, checkpoints and
+    whenever the log outgrows ``_LOG_COMPACT_BYTES``) writes the whole state to
+    ``dedup.json`` and empties the log; replaying a record twice is harmless. What it
+    cannot close: a kill -9 between a table's RocksDB write and its record (a few
+    microseconds) forgets that table, and a retry applies it again.
     """
 
-    def __init__(self, window: int) -> None:
+    def __init__(
+        self,
+        window: int,
+        snapshot_path: Path | None = None,
+        log_path: Path | None = None,
+        fsync: bool = False,
+    ) -> None:
         self.window = window
         self._lock = threading.Lock()
         self._clients: dict[str, dict[str, Any]] = {}
+        self._snapshot_path = snapshot_path
+        self._log_path = log_path
+        self._fsync = fsync
+        self._log: Any = None
+
+    def _client(self, client: str) -> dict[str, Any]:
+        c = self._clients.get(client)
+        if c is None:
+            c = self._clients[client] = {"high": 0, "done": set(), "inflight": {}, "partial": {}}
+        return c
 
     def begin(self, client: str, seq: int) -> tuple[bool, threading.Event | None]:
         """(is_new, event to wait on when a copy is in flight)."""
         with self._lock:
-            c = self._clients.setdefault(client, {"high": 0, "done": set(), "inflight": {}})
+            c = self._client(client)
             if seq in c["done"] or seq <= c["high"] - self.window:
                 return False, None
             if seq in c["inflight"]:
@@ -115,18 +145,37 @@ class _Dedup:
             c["inflight"][seq] = threading.Event()
             return True, None
 
+    def applied_tables(self, client: str, seq: int) -> frozenset[str]:
+        """Tables of an unfinished push already applied (by a try that failed or crashed)."""
+        with self._lock:
+            c = self._clients.get(client)
+            return frozenset(c["partial"].get(seq, ())) if c else frozenset()
+
+    def mark_table(self, client: str, seq: int, table: str, log: bool = True) -> None:
+        """``table``'s part of push (client, seq) is applied (and in the WAL if sync)."""
+        with self._lock:
+            self._client(client)["partial"].setdefault(seq, set()).add(table)
+            if log:
+                self._append(["t", client, seq, table])
+
     def finish(self, client: str, seq: int, applied: bool) -> None:
         with self._lock:
             c = self._clients[client]
             ev = c["inflight"].pop(seq)
             if applied:
-                c["done"].add(seq)
-                if seq > c["high"]:
-                    c["high"] = seq
-                    floor = seq - self.window
-                    if len(c["done"]) > 2 * self.window:
-                        c["done"] = {s for s in c["done"] if s > floor}
+                self._mark_done(c, seq)
+                self._append(["d", client, seq])
         ev.set()
+
+    def _mark_done(self, c: dict[str, Any], seq: int) -> None:
+        c["done"].add(seq)
+        c["partial"].pop(seq, None)
+        if seq > c["high"]:
+            c["high"] = seq
+            floor = seq - self.window
+            if len(c["done"]) > 2 * self.window:
+                c["done"] = {s for s in c["done"] if s > floor}
+                c["partial"] = {s: t for s, t in c["partial"].items() if s > floor}
 
     def was_applied(self, client: str, seq: int) -> bool:
         with self._lock:
@@ -135,9 +184,17 @@ class _Dedup:
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                k: {"high": v["high"], "done": sorted(v["done"])} for k, v in self._clients.items()
+            return self._to_dict()
+
+    def _to_dict(self) -> dict[str, Any]:
+        return {
+            k: {
+                "high": v["high"],
+                "done": sorted(v["done"]),
+                "partial": {str(s): sorted(t) for s, t in v["partial"].items()},
             }
+            for k, v in self._clients.items()
+        }
 
     def replace(self, d: dict[str, Any]) -> None:
         """Forget everything, then load ``d`` (a restore rolls the marks back too)."""
@@ -148,13 +205,87 @@ class _Dedup:
     def load(self, d: dict[str, Any]) -> None:
         with self._lock:
             for k, v in d.items():
-                self._clients[k] = {"high": int(v["high"]), "done": set(v["done"]), "inflight": {}}
+                self._clients[k] = {
+                    "high": int(v["high"]),
+                    "done": set(v["done"]),
+                    "inflight": {},
+                    "partial": {int(s): set(t) for s, t in v.get("partial", {}).items()},
+                }
+
+    # ---- the durable log ---------------------------------------------------------------
+
+    def replay_log(self) -> int:
+        """Apply the log's records (after ``load`` of the last snapshot); returns how many.
+        A torn last record (power loss mid-write) is skipped."""
+        if self._log_path is None or not self._log_path.exists():
+            return 0
+        n = 0
+        with self._lock, open(self._log_path, "rb") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    kind, client, seq = rec[0], str(rec[1]), int(rec[2])
+                except (ValueError, IndexError, TypeError):
+                    continue
+                c = self._client(client)
+                if kind == "d":
+                    self._mark_done(c, seq)
+                elif kind == "t" and seq not in c["done"]:
+                    c["partial"].setdefault(seq, set()).add(str(rec[3]))
+                n += 1
+        return n
+
+    def _append(self, record: list[Any]) -> None:
+        """Append one record (caller holds the lock, so the log's order is memory's)."""
+        if self._log_path is None:
+            return
+        if self._log is None:
+            self._log = open(self._log_path, "ab", buffering=0)  # noqa: SIM115 (closed in close)
+        self._log.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        if self._fsync:
+            os.fsync(self._log.fileno())
+        if self._log.tell() > _LOG_COMPACT_BYTES:
+            self._snapshot_locked()
+
+    def snapshot(self) -> None:
+        """Write the whole state to the snapshot file (atomically), then empty the log."""
+        with self._lock:
+            self._snapshot_locked()
+
+    def _snapshot_locked(self) -> None:
+        path = self._snapshot_path
+        if path is None:
+            return
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._to_dict(), f)
+            if self._fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)  # the snapshot holds every logged record: the log may go
+        if self._log_path is not None:
+            if self._log is not None:
+                self._log.truncate(0)
+                self._log.seek(0)
+            elif self._log_path.exists():
+                self._log_path.write_bytes(b"")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+
+_LOG_COMPACT_BYTES = 4 << 20  # dedup log size that triggers a snapshot + truncation
 
 
 def _rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Times the RPC, and turns errors into precise statuses (the server keeps serving)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        observers: dict[str, Callable[[float], None]] = {}  # code -> labelled child's observe
+
         @functools.wraps(fn)
         def handler(self: PSServicer, request: Any, context: grpc.ServicerContext) -> Any:
             t0 = time.perf_counter()
@@ -172,7 +303,10 @@ def _rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 log.exception("%s failed", name)
                 abort(context, E.RecpsError(f"{name}: internal error: {type(e).__name__}: {e}"))
             finally:
-                self.metrics.latency.labels(name, code).observe(time.perf_counter() - t0)
+                observe = observers.get(code)
+                if observe is None:  # .labels() takes a lock and builds a key: once per code
+                    observe = observers[code] = self.metrics.latency.labels(name, code).observe
+                observe(time.perf_counter() - t0)
 
         return handler
 
@@ -189,17 +323,30 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         self._tables: dict[str, TieredStore] = {}
         self._tables_lock = threading.Lock()
         self._gate = _Gate()
-        self._dedup = _Dedup(config.dedup_window)
+        sync = config.store.durability == "sync"
+        self._dedup = _Dedup(
+            config.dedup_window,
+            snapshot_path=self.data_dir / "dedup.json",
+            log_path=self.data_dir / "dedup.log" if sync else None,
+            fsync=sync and config.store.fsync,
+        )
         self._map_lock = threading.Lock()
         self.shard_map = self._load_map()
         self._slot_requests = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_rows = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_rows_at = 0.0
         self._slot_scan_lock = threading.Lock()
+        self._owns_all: tuple[ShardMap, bool] | None = None  # (map, owns every slot)
+        # Labelled metric children per table: .labels() costs a lock and a dict per call.
+        self._rows_read: dict[str, Callable[[float], None]] = {}
+        self._rows_written: dict[str, Callable[[float], None]] = {}
         self._open_tables()
         dedup = self.data_dir / "dedup.json"
         if dedup.exists():
             self._dedup.load(json.loads(dedup.read_text()))
+        # Marks logged since the last snapshot (sync durability): a kill -9 loses none.
+        if self._dedup.replay_log() or (self.data_dir / "dedup.log").exists():
+            self.save_dedup()
 
     # ---- state on disk ---------------------------------------------------------------------
 
@@ -235,16 +382,15 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         tmp.replace(path)
 
     def save_dedup(self) -> None:
-        path = self.data_dir / "dedup.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._dedup.to_dict()))
-        tmp.replace(path)
+        """Snapshot the dedup marks to dedup.json (and empty the dedup log)."""
+        self._dedup.snapshot()
 
     def close(self) -> None:
         with self._tables_lock:
             for store in self._tables.values():
                 store.close()
         self.save_dedup()
+        self._dedup.close()
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -254,23 +400,40 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             raise E.UnknownTableError(name)
         return store
 
-    def _check_owned(self, table: str, ids: np.ndarray, epoch: int) -> None:
+    def _check_owned(self, tables: list[str], ids: list[np.ndarray], epoch: int) -> None:
+        """Refuse the request if any id of any table is in a slot this shard does not own;
+        count the ids per slot. One hash pass over all tables' ids together."""
         m = self.shard_map
-        slots = slot_of(table, ids, m.num_slots)
-        owner = m.slot_owner[slots]
-        bad = owner != self.config.shard_id
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise E.StaleShardMapError(
-                f"shard {self.config.shard_id} does not own {int(bad.sum())} of {len(ids)} ids "
-                f"of table {table!r} (e.g. id {int(ids[i])}: slot {int(slots[i])} belongs to "
-                f"shard {int(owner[i])}); client routed with epoch {epoch}",
-                m.epoch,
-            )
-        if len(ids) < 256:
+        slots = slots_of_tables(tables, ids, m.num_slots)
+        owns = self._owns_all
+        if owns is None or owns[0] is not m:
+            owns = self._owns_all = (m, bool((m.slot_owner == self.config.shard_id).all()))
+        if not owns[1]:
+            owner = m.slot_owner[slots]
+            bad = owner != self.config.shard_id
+            if bad.any():
+                i = int(np.argmax(bad))
+                ends = np.cumsum([len(x) for x in ids])
+                k = int(np.searchsorted(ends, i, side="right"))  # the table of id i
+                lo = int(ends[k]) - len(ids[k])
+                n_bad = int(bad[lo : ends[k]].sum())
+                raise E.StaleShardMapError(
+                    f"shard {self.config.shard_id} does not own {n_bad} of {len(ids[k])} "
+                    f"ids of table {tables[k]!r} (e.g. id {int(ids[k][i - lo])}: slot "
+                    f"{int(slots[i])} belongs to shard {int(owner[i])}); client routed "
+                    f"with epoch {epoch}",
+                    m.epoch,
+                )
+        if len(slots) < 256:
             np.add.at(self._slot_requests, slots, 1)
         else:
             self._slot_requests += np.bincount(slots, minlength=len(self._slot_requests))
+
+    def _count(self, counters: dict[str, Callable[[float], None]], metric: Any, table: str) -> Any:
+        inc = counters.get(table)
+        if inc is None:
+            inc = counters[table] = metric.labels(table).inc
+        return inc
 
     @staticmethod
     def _unique_tables(names: list[str]) -> None:
@@ -280,43 +443,40 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
     # ---- RPCs -----------------------------------------------------------------------------
 
     @_rpc("Lookup")
-    def Lookup(self, request: ps_pb2.LookupRequest, context: Any) -> ps_pb2.LookupResponse:
-        self._unique_tables([t.table for t in request.tables])
+    def Lookup(self, request: ps_pb2.LookupRequest, context: Any) -> bytes:
+        """The serialized ``LookupResponse`` (``LookupResponse.FromString`` reads it)."""
+        tables = request.tables
+        names = [t.table for t in tables]
+        self._unique_tables(names)
         want = request.want_dtype
         wire.wire_dtype(want, "want_dtype")
-        parsed = []
-        for t in request.tables:
-            store = self._store(t.table)
-            ids = wire.decode_ids(t.ids, f"table {t.table!r} ids")
-            self._check_owned(t.table, ids, request.shard_map_epoch)
-            parsed.append((t.table, store, ids))
-        out = ps_pb2.LookupResponse()
-        for name, store, ids in parsed:
-            rows = store.lookup(ids, create_missing=request.create_missing)
-            out.tables.append(
-                ps_pb2.TableRows(
-                    table=name,
-                    rows=wire.encode_rows(rows, want),
-                    dim=store.dim,
-                    dtype=want or ps_pb2.FLOAT32,
-                )
-            )
-            self.metrics.rows_read.labels(name).inc(len(ids))
-        return out
+        stores = [self._store(n) for n in names]
+        ids = [wire.decode_ids(t.ids, "ids", t.table) for t in tables]
+        self._check_owned(names, ids, request.shard_map_epoch)
+        dtype = want or ps_pb2.FLOAT32
+        create = request.create_missing
+        out = []
+        for name, store, i in zip(names, stores, ids):
+            out.append((name, store.lookup(i, create_missing=create), store.dim, dtype))
+            self._count(self._rows_read, self.metrics.rows_read, name)(len(i))
+        # Serialized here (see _add_servicer): the rows are copied once, into the response.
+        return wire.encode_lookup_response(out)
 
     @_rpc("Push")
     def Push(self, request: ps_pb2.PushRequest, context: Any) -> ps_pb2.PushResponse:
-        self._unique_tables([t.table for t in request.tables])
+        tables = request.tables
+        names = [t.table for t in tables]
+        self._unique_tables(names)
         # Validate every table before applying any, so a bad entry changes nothing.
         parsed = []
-        for t in request.tables:
+        for t in tables:
             store = self._store(t.table)
-            ids = wire.decode_ids(t.ids, f"table {t.table!r} ids")
+            ids = wire.decode_ids(t.ids, "ids", t.table)
             wire.check_dim(t.dim, store.config)
-            grads = wire.decode_rows(
-                t.grads, len(ids), store.dim, t.dtype, f"table {t.table!r} grads"
-            )
-            reject = store.config.nonfinite == "reject" and len(grads)
+            grads = wire.decode_rows(t.grads, len(ids), store.dim, t.dtype, "grads", t.table)
+            # One table: the store's own check (same error, before it changes anything)
+            # suffices. Several: all are checked here, before the first is applied.
+            reject = len(tables) > 1 and store.config.nonfinite == "reject" and len(grads)
             if reject and not (np.isfinite(grads.max()) and np.isfinite(grads.min())):
                 bad = int(len(grads) - np.count_nonzero(np.isfinite(grads).all(axis=1)))
                 raise E.NonFiniteGradientError(t.table, bad)
@@ -330,15 +490,23 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     return ps_pb2.PushResponse(applied_rows=0, duplicate=True)
                 inflight.wait()  # the original is running; its outcome decides
                 is_new, inflight = self._dedup.begin(client, seq)
+            # Tables a failed or crashed earlier try of this push already applied.
+            done = self._dedup.applied_tables(client, seq)
+        else:
+            done = frozenset()
         applied = 0
         ok = False
+        last = len(parsed) - 1
         try:
-            for name, _, ids, _ in parsed:
-                self._check_owned(name, ids, request.shard_map_epoch)
+            self._check_owned(names, [p[2] for p in parsed], request.shard_map_epoch)
             with self._gate.shared():
-                for name, store, ids, grads in parsed:
+                for k, (name, store, ids, grads) in enumerate(parsed):
+                    if name in done:
+                        continue
                     applied += store.apply_gradients(ids, grads)
-                    self.metrics.rows_written.labels(name).inc(len(ids))
+                    if client:  # the last table's durable record is finish()'s
+                        self._dedup.mark_table(client, seq, name, log=k < last)
+                    self._count(self._rows_written, self.metrics.rows_written, name)(len(ids))
                 if request.wait_durable and self.config.store.durability != "sync":
                     for _, store, _, _ in parsed:
                         store.flush()
@@ -346,6 +514,9 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         finally:
             if client:
                 self._dedup.finish(client, seq, ok)
+        if done and all(n in done for n in names):  # all of it had landed before
+            self.metrics.duplicate_pushes.inc()
+            return ps_pb2.PushResponse(applied_rows=0, duplicate=True)
         return ps_pb2.PushResponse(applied_rows=applied, duplicate=False)
 
     @_rpc("CreateTable")
@@ -442,6 +613,9 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             raise E.InvalidArgumentError(f"checkpoint tag {tag!r} must be a plain name")
         root = Path(request.dir) / tag / f"shard-{self.config.shard_id}"
         if root.exists():
+            done = self._replayed_checkpoint(root, request.request_id)
+            if done is not None:
+                return done
             raise E.CheckpointError(f"checkpoint {root} already exists")
         t0 = time.perf_counter()
         rows = 0
@@ -457,13 +631,35 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             "dedup": self._dedup.to_dict(),
             "rows": rows,
             "created_at": time.time(),
+            "request_id": request.request_id,
         }
-        (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        # Written last, atomically: a manifest means every table of the shard is there.
+        tmp = root / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(root / "manifest.json")
         return ps_pb2.CheckpointResponse(
             path=str(root),
             rows=rows,
             tables=sorted(self._tables),
             seconds=time.perf_counter() - t0,
+        )
+
+    @staticmethod
+    def _replayed_checkpoint(root: Path, request_id: str) -> ps_pb2.CheckpointResponse | None:
+        """The answer to a retried Checkpoint (same request_id) that already completed."""
+        if not request_id:
+            return None
+        try:
+            manifest = json.loads((root / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None  # absent (incomplete) or unreadable: not ours to vouch for
+        if manifest.get("request_id") != request_id:
+            return None
+        return ps_pb2.CheckpointResponse(
+            path=str(root),
+            rows=int(manifest.get("rows", 0)),
+            tables=[t["name"] for t in manifest.get("tables", [])],
+            seconds=0.0,
         )
 
     @_rpc("Restore")
@@ -555,11 +751,32 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         return new.to_proto()
 
 
+def _serialize(message: Any) -> bytes:
+    """Response serializer that passes responses a handler already serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _add_servicer(servicer: PSServicer, server: grpc.Server) -> None:
+    """``add_ParameterServerServicer_to_server``, except that every response may also be
+    returned already serialized (``Lookup`` hand-encodes its rows)."""
+    service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=getattr(ps_pb2, m.input_type.name).FromString,
+            response_serializer=_serialize,
+        )
+        for m in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 class _AuthInterceptor(grpc.ServerInterceptor):
     """Bearer-token check on every call except health checks and reflection."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
         def deny(request: Any, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -570,7 +787,11 @@ class _AuthInterceptor(grpc.ServerInterceptor):
         if details.method.startswith(_HEALTH_EXEMPT):
             return continuation(details)
         md = dict(details.invocation_metadata or ())
-        if md.get("authorization") != self._expected:
+        got = md.get("authorization")
+        if isinstance(got, str):
+            got = got.encode()
+        # Constant time: a plain == leaks how long a prefix of the token matched.
+        if not isinstance(got, bytes) or not hmac.compare_digest(got, self._expected):
             return self._deny
         return continuation(details)
 
@@ -595,7 +816,7 @@ class PSServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(self.servicer, self.grpc_server)
+        _add_servicer(self.servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(

@@ -31,8 +31,15 @@ def encode_ids(ids: np.ndarray) -> bytes:
     return np.ascontiguousarray(ids, dtype="<i8").tobytes()
 
 
-def decode_ids(raw: bytes, what: str) -> np.ndarray:
+def _name(what: str, table: str | None) -> str:
+    # Error messages are formatted only on error: decoding is on every request's path.
+    return what if table is None else f"table {table!r} {what}"
+
+
+def decode_ids(raw: bytes, what: str, table: str | None = None) -> np.ndarray:
+    """Read-only int64 view of the bytes (no copy)."""
     if len(raw) % 8:
+        what = _name(what, table)
         raise InvalidArgumentError(
             f"{what}: {len(raw)} bytes is not a multiple of 8 (int64 little-endian ids)"
         )
@@ -46,11 +53,18 @@ def wire_dtype(code: int, what: str) -> np.dtype:
         raise InvalidArgumentError(f"{what}: unknown dtype code {code}") from None
 
 
-def decode_rows(raw: bytes, n: int, dim: int, dtype_code: int, what: str) -> np.ndarray:
-    """``n x dim`` rows from bytes, as float32 (float16 on the wire is widened)."""
-    dt = wire_dtype(dtype_code, what)
+def decode_rows(
+    raw: bytes, n: int, dim: int, dtype_code: int, what: str, table: str | None = None
+) -> np.ndarray:
+    """``n x dim`` rows from bytes, as float32 (float16 on the wire is widened); float32
+    rows are a read-only view of the bytes (no copy)."""
+    code = WIRE_DTYPES.get(dtype_code)
+    if code is None:
+        wire_dtype(dtype_code, _name(what, table))  # raises
+    dt = np.dtype(code)
     want = n * dim * dt.itemsize
     if len(raw) != want:
+        what = _name(what, table)
         raise InvalidArgumentError(
             f"{what}: {len(raw)} bytes, expected {want} ({n} ids x dim {dim} x {dt.itemsize} B)"
         )
@@ -59,6 +73,8 @@ def decode_rows(raw: bytes, n: int, dim: int, dtype_code: int, what: str) -> np.
 
 
 def encode_rows(rows: np.ndarray, dtype_code: int) -> bytes:
+    if rows.dtype == np.float32 and dtype_code != ps_pb2.FLOAT16 and rows.flags.c_contiguous:
+        return rows.tobytes()  # the common case, without the dtype lookups
     return np.ascontiguousarray(rows, dtype=wire_dtype(dtype_code, "rows")).tobytes()
 
 
@@ -154,3 +170,47 @@ def config_from_spec(spec: ps_pb2.TableSpec) -> TableConfig:
         expiry=exp,
         nonfinite=spec.nonfinite or "reject",  # type: ignore[arg-type]
     )
+
+
+# ---- hand-encoded LookupResponse --------------------------------------------------------
+# The Lookup response is ~all row bytes. Built as messages, the rows are copied three
+# times (ndarray -> bytes -> message -> serialized); encoded here they are copied once,
+# straight from the array into the serialized response. The layout is the canonical
+# proto3 encoding of LookupResponse (tests check it byte for byte against protobuf).
+
+_TABLE_ROWS = b"\x0a"  # LookupResponse.tables = 1, length-delimited
+_NAME, _ROWS, _DIM, _DTYPE = b"\x0a", b"\x12", b"\x18", b"\x20"  # TableRows fields 1-4
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_lookup_response(tables: list[tuple[str, np.ndarray, int, int]]) -> bytes:
+    """Serialized ``LookupResponse`` of ``(table, rows, dim, dtype_code)`` entries; rows
+    are converted to the wire dtype named by ``dtype_code``."""
+    parts: list[bytes | np.ndarray] = []
+    for name, rows, dim, code in tables:
+        if rows.dtype != WIRE_DTYPES[code] or not rows.flags.c_contiguous:
+            rows = np.ascontiguousarray(rows, dtype=wire_dtype(code, "rows"))
+        raw = name.encode()
+        head = [_NAME, _varint(len(raw)), raw] if raw else []
+        tail = [_DIM, _varint(dim)] if dim else []
+        if code:
+            tail += [_DTYPE, _varint(code)]
+        nbytes = rows.nbytes
+        if nbytes:
+            head += [_ROWS, _varint(nbytes)]
+        size = sum(map(len, head)) + nbytes + sum(map(len, tail))
+        parts += [_TABLE_ROWS, _varint(size), *head]
+        if nbytes:
+            parts.append(rows)  # joined through the buffer protocol: the only copy
+        parts += tail
+    return b"".join(parts)  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ An example job (``name`` is optional; every section but ``data`` may be left out
       epochs: 2                        # or: steps: 10000
       eval_every_steps: 500
       checkpoint_every_steps: 1000
+      keep_checkpoints: 3              # the newest complete checkpoints kept on disk
       max_inflight_pushes: 2           # bounded staleness: pushes not yet acknowledged
       prefetch_batches: 2
       seed: 0
@@ -411,6 +412,7 @@ class TrainingConfig:
     eval_every_steps: int | None = None  # None: evaluate at the end of each epoch
     checkpoint_every_steps: int | None = None  # None: checkpoint at the end of each epoch
     checkpoint_dir: str | None = None  # None: <cluster.data_dir>/checkpoints
+    keep_checkpoints: int = 3  # the newest complete checkpoints kept; older ones are deleted
     # "latest" (or true): the newest checkpoint in checkpoint_dir; else a tag or a path.
     # None (or false): start fresh.
     resume: str | bool | None = None
@@ -438,6 +440,7 @@ class TrainingConfig:
                 "steps": _at_least(1),
                 "eval_every_steps": _at_least(1),
                 "checkpoint_every_steps": _at_least(1),
+                "keep_checkpoints": _at_least(1),
                 "max_inflight_pushes": _between(0, 64),
                 "prefetch_batches": _between(0, 64),
                 "log_every_steps": _at_least(1),
@@ -463,6 +466,8 @@ class JobClusterConfig:
     # node per shard.
     placement_strategy: PlacementStrategy = "SPREAD"
     max_restarts: int = 3  # a crashed shard actor restarts on its data dir; -1: forever
+    # Ray Train restarts the worker group from the last checkpoint this many times; -1: forever
+    max_failures: int = 2
 
     def __post_init__(self) -> None:
         _run_checks(
@@ -478,6 +483,7 @@ class JobClusterConfig:
                 "data_dir": _nonempty,
                 "num_slots": _power_of_two(1, 1 << 16),
                 "max_restarts": _at_least(-1),
+                "max_failures": _at_least(-1),
             },
         )
         _require(

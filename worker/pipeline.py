@@ -46,6 +46,7 @@ versus computing, and record the background time per phase, for benchmarks.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -116,6 +117,11 @@ class PipelineConfig:
     timeout_s: float = 300.0
     # How long ``close`` waits for each background thread to finish.
     join_timeout_s: float = 30.0
+    # Niceness added to the prefetch and push threads (Linux, per thread; elsewhere
+    # ignored). With fewer cores than runnable threads, the training thread then runs
+    # first and the lookups and pushes fill the gaps: the staleness bound and the
+    # prefetch queue give them the slack. 0 leaves the scheduler alone.
+    background_nice: int = 0
 
     def __post_init__(self) -> None:
         if self.prefetch_batches < 0:
@@ -124,6 +130,8 @@ class PipelineConfig:
             raise ConfigError("max_inflight_pushes must be >= 0 (0 is synchronous)")
         if self.timeout_s <= 0 or self.join_timeout_s <= 0:
             raise ConfigError("timeout_s and join_timeout_s must be > 0")
+        if not 0 <= self.background_nice <= 19:
+            raise ConfigError("background_nice must be in [0, 19]")
 
 
 @dataclass
@@ -353,7 +361,16 @@ class TrainPipeline:
         self.stats.lookup_s += time.perf_counter() - t2
         return Step(s, batch, dense, labels, pulled)
 
+    def _lower_priority(self) -> None:
+        """Renice the calling (background) thread by ``background_nice``."""
+        nice = self.config.background_nice
+        if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            with contextlib.suppress(OSError):  # Linux renices one thread by its tid
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+
     def _produce_loop(self) -> None:
+        self._lower_priority()
         try:
             while not self._stop.is_set():
                 item = self._make_step()
@@ -521,6 +538,7 @@ class TrainPipeline:
         self.stats.push_wait_s += time.perf_counter() - t0
 
     def _push_loop(self) -> None:
+        self._lower_priority()
         while True:
             item = self._pushes.get()
             if item is None:

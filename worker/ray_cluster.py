@@ -115,11 +115,13 @@ def init_ray(
     *,
     object_store_mb: int = 100,
     namespace: str | None = None,
+    log_to_driver: bool = False,
 ) -> RayInfo:
     """Start an embedded local Ray (``address=None``) or connect to a running cluster.
 
     The local Ray is lean, for a trainer and its tests: no dashboard, workers' output not
-    forwarded to this process (each shard logs to Ray's session logs), a small object store
+    forwarded to this process unless ``log_to_driver`` (else each actor logs to Ray's
+    session logs), a small object store
     (batches travel over gRPC, not through Ray), no usage-stats reporting. Returns at once
     when Ray is already initialized in this process.
     """
@@ -129,7 +131,7 @@ def init_ray(
     if object_store_mb < MIN_OBJECT_STORE_MB:
         raise E.ConfigError(f"object_store_mb must be >= {MIN_OBJECT_STORE_MB} (Ray's minimum)")
     common: dict[str, Any] = {
-        "log_to_driver": False,
+        "log_to_driver": log_to_driver,
         "logging_level": logging.WARNING,
         "namespace": namespace,
     }

@@ -278,7 +278,7 @@ class LocalEmbeddingBagCollection(torch.nn.Module):
 
     def forward(self, ids: KeyedIds) -> dict[str, torch.Tensor]:
         """Pooled ``[B, dim]`` per feature, on the weights' device."""
-        prepared = prepare_ids(self.config, ids)
+        prepared = prepare_ids(self.config, ids, fuse=False)
         slots = {t: self._slots(t, u) for t, u in prepared.ids.items()}
         weights = {t: self.weight(t) for t in prepared.ids}
         device = next(iter(weights.values())).device

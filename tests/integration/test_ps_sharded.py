@@ -354,12 +354,6 @@ def _explain_double_apply(acked, in_flight, cfg, cluster, got, pool) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: ps/server.py keeps (client_id, seq) dedup state in memory and saves "
-    "dedup.json only on clean shutdown, so after kill -9 a retried push that was already "
-    "durable (sync WAL) is applied a second time",
-)
 def test_push_dedup_across_kill9(ps_group: ShardGroup) -> None:
     """Exactly-once survives a clean restart; after kill -9 a durable push must still not be
     applied twice when the client retries it (it cannot know the first copy landed)."""

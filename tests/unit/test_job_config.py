@@ -186,6 +186,7 @@ def test_minimal_config_defaults() -> None:
     t = cfg.training
     assert (t.epochs, t.steps, t.eval_every_steps, t.resume) == (1, None, None, None)
     assert (t.max_inflight_pushes, t.prefetch_batches) == (0, 2)  # as the pipeline defaults
+    assert t.keep_checkpoints == 3
     assert t.checkpoint_dir == str(Path("recps-data") / "checkpoints")
     c = cfg.cluster
     assert c.address is None and (c.num_workers, c.num_shards) == (1, 1)
@@ -361,6 +362,7 @@ ERRORS = [
     ("training", {"max_inflight_pushes": 100}, "training.max_inflight_pushes", "[0, 64]"),
     ("training", {"resume": 3}, "training.resume", "a string or true or false or null"),
     ("training", {"seed": True}, "training.seed", "must be an integer"),
+    ("training", {"keep_checkpoints": 0}, "training.keep_checkpoints", "must be >= 1, got 0"),
     ("cluster", {"num_shards": 0}, "cluster.num_shards", "must be in [1, 65534], got 0"),
     ("cluster", {"num_workers": "2"}, "cluster.num_workers", "must be an integer"),
     ("cluster", {"cpus_per_shard": 0}, "cluster.cpus_per_shard", "must be > 0"),

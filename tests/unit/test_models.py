@@ -280,6 +280,96 @@ def test_local_torch_mode_has_a_fixed_capacity() -> None:
         grow.sparse_optimizer()
 
 
+def fused_config() -> EmbeddingCollectionConfig:
+    """Single-id features over tables of two dims (two share a table), plus a table read
+    by a jagged and a single-id feature (not fusable)."""
+    init = InitializerConfig("uniform", scale=0.5, seed=2)
+    feats = (
+        FeatureSpec("a", "t1"),
+        FeatureSpec("d", "t3"),
+        FeatureSpec("b", "t1", input="b_ids"),
+        FeatureSpec("c", "t2"),
+        FeatureSpec("e", "t4", "mean"),
+        FeatureSpec("f", "t4", input="f_ids"),
+        FeatureSpec("g", "t5"),
+    )
+    dims = {"t1": 3, "t2": 3, "t3": 2, "t4": 3, "t5": 2}
+    return EmbeddingCollectionConfig(
+        feats, tuple(TableConfig(t, dim=d, initializer=init) for t, d in dims.items())
+    )
+
+
+def fused_ids(rng: np.random.Generator, b: int) -> dict[str, Any]:
+    ids: dict[str, Any] = {
+        k: rng.integers(0, 9, b) * 7919 - 3 for k in ["a", "b_ids", "c", "d", "f_ids", "g"]
+    }
+    ids["e"] = jagged(rng, b, 9)
+    return ids
+
+
+def grads_by_hand(
+    cfg: EmbeddingCollectionConfig,
+    ids: dict[str, Any],
+    uniq: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """d(sum_f <out_f, weights_f>)/d row, per table over its unique ids (numpy add.at)."""
+    out = {t: np.zeros((len(u), cfg.table_configs[t].dim)) for t, u in uniq.items()}
+    for f in cfg.features:
+        if f.name not in weights:
+            continue
+        x = ids[f.source]
+        w = weights[f.name].astype(np.float64)
+        if isinstance(x, JaggedIds):
+            n = np.diff(x.offsets)
+            rows = np.repeat(np.arange(len(n)), n)
+            g = w[rows] / (n[rows, None] if f.pooling == "mean" else 1)
+            np.add.at(out[f.table], np.searchsorted(uniq[f.table], x.values), g)
+        else:
+            np.add.at(out[f.table], np.searchsorted(uniq[f.table], x), w)
+    return out
+
+
+@pytest.mark.parametrize("used", ["all", "a c d e f g", "b c e f", "e f"])
+def test_fused_pooling_and_gradients_match_a_naive_loop(used: str) -> None:
+    cfg = fused_config()
+    ebc = ShardedEmbeddingBagCollection(cfg, LocalRowClient(cfg.tables))
+    rng = np.random.default_rng(5)
+    ids = fused_ids(rng, 33)
+    prepared = ebc.prepare(ids)
+    groups = {fz.dim: (fz.tables, fz.features) for fz in prepared.fused}
+    assert groups == {3: (("t1", "t2"), ("a", "b", "c")), 2: (("t3", "t5"), ("d", "g"))}
+    pushed: list[dict[str, tuple[np.ndarray, torch.Tensor]]] = []
+    pulled = ebc.pull(prepared, on_grads=lambda step, g: pushed.append(g))
+    out = ebc(pulled)
+    assert list(out) == [f.name for f in cfg.features]
+    want = pool_by_hand(cfg, ids, ebc)
+    for f in want:
+        assert out[f].shape == want[f].shape and out[f].is_contiguous()
+        np.testing.assert_allclose(out[f].detach().numpy(), want[f], rtol=0, atol=1e-6)
+    names = [f.name for f in cfg.features] if used == "all" else used.split()
+    weights = {f: rng.standard_normal((33, cfg.dims[f])).astype(np.float32) for f in names}
+    sum((out[f] * torch.from_numpy(w)).sum() for f, w in weights.items()).backward()
+    assert len(pushed) == 1
+    # A table is pushed iff one of its features is in the loss, with every unique id.
+    want_tables = [
+        t for t in prepared.ids if any(f.table == t for f in cfg.features if f.name in names)
+    ]
+    assert list(pushed[0]) == want_tables
+    want_grads = grads_by_hand(cfg, ids, prepared.ids, weights)
+    for t, (u, g) in pushed[0].items():
+        np.testing.assert_array_equal(u, prepared.ids[t])
+        np.testing.assert_allclose(g.numpy(), want_grads[t], rtol=0, atol=1e-5, err_msg=t)
+
+
+def test_fused_outputs_may_be_modified_in_place() -> None:
+    cfg = EmbeddingCollectionConfig.one_table_per_feature(["x", "y"], dim=2)
+    ebc = ShardedEmbeddingBagCollection(cfg, LocalRowClient(cfg.tables))
+    out = ebc({"x": np.array([1, 2, 1]), "y": np.array([3, 3, 4])})
+    (out["x"].relu_().sum() + out["y"].mul_(2).sum()).backward()
+    assert ebc.stats.pushes == 1
+
+
 # ---- models ----------------------------------------------------------------------------
 
 FEATS = ["C1", "C2", "C3", "C4"]

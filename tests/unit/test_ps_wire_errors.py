@@ -146,3 +146,22 @@ def test_every_error_survives_the_wire(err: E.RecpsError) -> None:
 def test_plain_grpc_codes_map_to_a_recps_error(code, cls) -> None:
     back = from_rpc_error(_FakeRpcError(code, "from grpc"))
     assert type(back) is cls and "from grpc" in str(back)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [],
+        [("a", np.zeros((0, 4), np.float32), 4, ps_pb2.FLOAT32)],
+        [
+            ("bench", np.arange(1500 * 64, dtype=np.float32).reshape(1500, 64), 64, 1),
+            ("x", np.ones((3, 200), np.float32), 200, ps_pb2.FLOAT16),
+            ("ünï", np.ones((2, 2), np.float64)[:, :1], 1, ps_pb2.DTYPE_UNSPECIFIED),
+        ],
+    ],
+)
+def test_hand_encoded_lookup_response_is_protobufs_encoding(entries: list) -> None:
+    want = ps_pb2.LookupResponse()
+    for name, rows, dim, code in entries:
+        want.tables.add(table=name, rows=wire.encode_rows(rows, code), dim=dim, dtype=code)
+    assert wire.encode_lookup_response(entries) == want.SerializeToString()

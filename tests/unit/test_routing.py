@@ -94,3 +94,15 @@ def test_map_with_unowned_slot_range_is_refused() -> None:
     d["slot_ranges"] = d["slot_ranges"][:1]
     with pytest.raises(ConfigError, match="without an owner"):
         ShardMap.from_dict(d)
+
+
+def test_slots_of_tables_is_slot_of_per_table() -> None:
+    from recps.ps.routing import slots_of_tables
+
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "user", "ads"]
+    ids = [rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64) for n in (5, 0, 300, 1)]
+    want = np.concatenate([slot_of(t, i, 16384) for t, i in zip(names, ids)])
+    np.testing.assert_array_equal(slots_of_tables(names, ids, 16384), want)
+    np.testing.assert_array_equal(slots_of_tables(names[:1], ids[:1], 64), slot_of("a", ids[0], 64))
+    assert slots_of_tables([], [], 16384).shape == (0,)
