@@ -78,7 +78,7 @@ def test_job_trains_checkpoints_and_leaves_nothing_running(tmp_path: Path) -> No
     assert not [p for p in pids if pid_alive(p)], "processes left running after the job"
 
     # The data dir now holds a run: a new job must say resume or overwrite.
-    with pytest.raises(JobStateError, match="--resume|--overwrite"):
+    with pytest.raises(JobStateError, match=r"--resume|--overwrite"):
         prepare_data_dir(job, resume=False, overwrite=False)
     assert prepare_data_dir(job, resume=True, overwrite=False) is True
 
