@@ -174,6 +174,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         )
     finally:
         client.close()
+    if rank == 0:  # Ray Train v2 drops metrics reported without a checkpoint: use a file
+        (Path(job.cluster.data_dir) / "result.json").write_text(json.dumps(result.to_dict()))
     ray.train.report({"result": json.dumps(result.to_dict())})
 
 
@@ -261,7 +263,7 @@ def run_job(
         fit_s = time.perf_counter() - t_fit
         if getattr(fit, "error", None) is not None:
             raise JobFailedError(f"training failed: {fit.error}") from fit.error
-        worker = json.loads(fit.metrics["result"])
+        worker = json.loads((Path(job.cluster.data_dir) / "result.json").read_text())
         restarts = _restarts(Path(job.cluster.data_dir))
     finally:
         if ps is not None:
