@@ -86,8 +86,10 @@ def summary(r: dict[str, Any]) -> str:
     ev = r.get("eval") or {}
     auc, ll = ev.get("auc", float("nan")), ev.get("logloss", float("nan"))
     lines = [
-        f"job {r['name']}: {r['steps']} steps, {r['samples']:,} samples in {r['seconds']:.1f} s "
-        f"({r['samples_per_s']:,.0f} samples/s); {r['total_seconds']:.1f} s in all",
+        f"job {r['name']}: {r['steps']} steps, {r['samples']:,} samples; "
+        f"training loop {r.get('train_seconds', 0.0):.1f} s ({r['samples_per_s']:,.0f} samples/s)",
+        f"  wall time    {r['total_seconds']:.1f} s in all, {r['seconds']:.1f} s of it in "
+        "Ray Train (worker start-up included)",
         f"  eval AUC     {auc:.4f}   logloss {ll:.4f}   ({int(ev.get('rows', 0)):,} held-out rows)",
     ]
     if r.get("planted_auc") is not None:

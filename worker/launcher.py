@@ -75,8 +75,8 @@ class JobResult:
     name: str
     steps: int
     samples: int
-    seconds: float  # wall time of the training phase (Ray Train's fit)
-    samples_per_s: float
+    seconds: float  # wall time of the training phase (Ray Train's fit, worker start-up included)
+    samples_per_s: float  # rank 0's training loop, evals and checkpoints included
     eval: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
@@ -86,12 +86,17 @@ class JobResult:
     ray_start_s: float = 0.0
     restarts: int = 0  # worker-group restarts after failures
     data_dir: str = ""
+    train_seconds: float = 0.0  # rank 0's training loop alone
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # ---- data-dir state --------------------------------------------------------------------------
+
+
+def _result_file(job: JobConfig) -> Path:
+    return Path(job.cluster.data_dir) / "result.json"
 
 
 def _checkpoint_dir(job: JobConfig) -> Path:
@@ -175,7 +180,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     finally:
         client.close()
     if rank == 0:  # Ray Train v2 drops metrics reported without a checkpoint: use a file
-        (Path(job.cluster.data_dir) / "result.json").write_text(json.dumps(result.to_dict()))
+        out = _result_file(job)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_dict()))
+        os.replace(tmp, out)
     ray.train.report({"result": json.dumps(result.to_dict())})
 
 
@@ -255,6 +263,7 @@ def run_job(
                 failure_config=FailureConfig(max_failures=c.max_failures),
             ),
         )
+        _result_file(job).unlink(missing_ok=True)  # never report an earlier run's result
         t_fit = time.perf_counter()
         try:
             fit = trainer.fit()
@@ -263,7 +272,10 @@ def run_job(
         fit_s = time.perf_counter() - t_fit
         if getattr(fit, "error", None) is not None:
             raise JobFailedError(f"training failed: {fit.error}") from fit.error
-        worker = json.loads((Path(job.cluster.data_dir) / "result.json").read_text())
+        try:
+            worker = json.loads(_result_file(job).read_text())
+        except FileNotFoundError as e:
+            raise JobFailedError("training ended without rank 0 writing its result") from e
         restarts = _restarts(Path(job.cluster.data_dir))
     finally:
         if ps is not None:
@@ -285,6 +297,7 @@ def run_job(
         ray_start_s=info.init_s,
         restarts=restarts,
         data_dir=str(Path(job.cluster.data_dir).resolve()),
+        train_seconds=float(worker["seconds"]),
     )
 
 

@@ -109,6 +109,21 @@ class RayInfo:
     init_s: float  # how long ray.init took (0 when Ray was already up)
 
 
+# Without the dashboard there is no state API, so Ray Train's placement-group cleaner warns
+# once a second that it cannot query the controller; we remove placement groups ourselves.
+# The per-report INFO line repeats every metric the trainer already logs.
+_NOISY_RAY_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.context": logging.WARNING,
+}
+
+
+def quiet_ray_loggers() -> None:
+    """Raise the level of Ray loggers that only add noise to a recps job's output."""
+    for name, level in _NOISY_RAY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -132,6 +147,8 @@ def init_ray(
         raise E.ConfigError(f"object_store_mb must be >= {MIN_OBJECT_STORE_MB} (Ray's minimum)")
     common: dict[str, Any] = {
         "log_to_driver": log_to_driver,
+        # Runs in every Ray worker process, Ray Train's own actors included.
+        "runtime_env": {"worker_process_setup_hook": "recps.worker.ray_cluster.quiet_ray_loggers"},
         "logging_level": logging.WARNING,
         "namespace": namespace,
     }

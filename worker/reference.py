@@ -232,6 +232,14 @@ class LocalEmbeddingBagCollection(torch.nn.Module):
             if self.local.sparse_update == "recps":
                 bag.weight.register_post_accumulate_grad_hook(self._hook(t.name))
 
+    def _set_weight(self, table: str, data: torch.Tensor) -> torch.nn.Parameter:
+        bag = self.bags[_module_key(table)]
+        bag.weight = torch.nn.Parameter(data)
+        bag.num_embeddings = data.shape[0]
+        if self.local.sparse_update == "recps":
+            bag.weight.register_post_accumulate_grad_hook(self._hook(table))
+        return bag.weight
+
     @property
     def dims(self) -> dict[str, int]:
         return self.config.dims
@@ -269,7 +277,10 @@ class LocalEmbeddingBagCollection(torch.nn.Module):
             with torch.no_grad():
                 bigger = weight.new_zeros((cap, weight.shape[1]))
                 bigger[: t.capacity] = weight
-                weight.data = bigger
+            # A new Parameter, not ``weight.data = bigger``: autograd caches the leaf's
+            # gradient accumulator with the old shape, and backward would then reject the
+            # grown gradient. No torch optimizer holds this weight in "recps" mode.
+            weight = self._set_weight(table, bigger)
             t.grow(cap)
         with torch.no_grad():
             idx = torch.from_numpy(new_slots).to(weight.device)

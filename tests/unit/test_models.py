@@ -280,6 +280,27 @@ def test_local_torch_mode_has_a_fixed_capacity() -> None:
         grow.sparse_optimizer()
 
 
+def test_local_recps_mode_grows_while_an_earlier_graph_is_alive() -> None:
+    # A training loop still holds step t's outputs when step t+1's forward grows a table.
+    # The live graph keeps autograd's gradient accumulator for the weight, with the old
+    # shape cached in it; the next backward must still accept the grown gradient.
+    cfg = EmbeddingCollectionConfig.one_table_per_feature(
+        ["C1", "C2"], dim=2, optimizer=OptimizerConfig("sgd", lr=1.0)
+    )
+    ebc = LocalEmbeddingBagCollection(cfg, LocalCollectionConfig(capacity_rows=4))
+    first = ebc({"C1": np.arange(3), "C2": np.arange(3)})
+    (first["C1"].sum() + first["C2"].sum()).backward()
+    before = ebc.rows("C1", np.arange(3)).copy()
+    second = ebc({"C1": np.arange(40), "C2": np.zeros(40, np.int64)})  # grows C1: 4 -> 40
+    (second["C1"].sum() + second["C2"].sum()).backward()
+    assert ebc.weight("C1").shape[0] >= 40
+    after = ebc.rows("C1", np.arange(40))
+    np.testing.assert_allclose(after[:3], before - 1.0)  # sgd, lr 1, grad 1 per row
+    fresh = LocalEmbeddingBagCollection(cfg, LocalCollectionConfig(capacity_rows=64))
+    np.testing.assert_allclose(after[3:], fresh.rows("C1", np.arange(3, 40)) - 1.0)
+    del first
+
+
 def fused_config() -> EmbeddingCollectionConfig:
     """Single-id features over tables of two dims (two share a table), plus a table read
     by a jagged and a single-id feature (not fusable)."""
