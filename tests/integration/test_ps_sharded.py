@@ -344,13 +344,12 @@ def _explain_double_apply(acked, in_flight, cfg, cluster, got, pool) -> None:
             ref2.push({cfg.name: (u[mine], s[mine])})
     want2 = ref2.lookup({cfg.name: pool}, create_missing=False)
     if np.array_equal(got[cfg.name], want2[cfg.name]):
-        # Everything else was exact; this is the known bug test_push_dedup_across_kill9
-        # pins down deterministically. xfail (not fail) keeps this timing-dependent
-        # instance from making the suite flaky.
-        pytest.xfail(
+        # Everything else was exact. Sync shards log dedup marks (dedup.log) before they
+        # answer, so this would be a regression of test_push_dedup_across_kill9.
+        pytest.fail(
             "the push in flight at kill -9 was applied twice on the killed shard: it was "
-            "durable before the crash, but the (client_id, seq) dedup state is only saved "
-            "on clean shutdown, so the client's retry after the restart applied it again"
+            "durable before the crash but its (client_id, seq) mark was not, so the "
+            "client's retry after the restart applied it again"
         )
 
 
