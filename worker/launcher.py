@@ -174,7 +174,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             client,
             wctx,
             resume=config["resume"],
-            report=lambda m: log.info("step %s: %s", m.get("step"), m),
+            # The trainer logs evals itself; the full metrics only at debug level.
+            report=lambda m: log.debug("step %s: %s", m.get("step"), m),
             progress=config["progress"] and rank == 0,
         )
     finally:
@@ -184,7 +185,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result.to_dict()))
         os.replace(tmp, out)
-    ray.train.report({"result": json.dumps(result.to_dict())})
+    ray.train.report({"steps": result.steps})  # Ray logs this dict: keep it short
 
 
 # ---- the driver ------------------------------------------------------------------------------

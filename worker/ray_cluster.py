@@ -41,6 +41,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -247,7 +248,9 @@ class PSShard:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.node_ip = ray.util.get_node_ip_address()
         self.host = host or self.node_ip
-        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own property trips its actor_id deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         # Re-use the port of the previous process on this data dir: the map still names it.
         previous = int(_read_json(self.data_dir / "server.json").get("port") or 0)
         port, self.note = previous, None
