@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import train_cmds
 
     train_cmds.add_parser(sub)
+    from recps.cli import export_cmds
+
+    export_cmds.add_parser(sub)
     return parser
 
 

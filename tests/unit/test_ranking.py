@@ -1,0 +1,157 @@
+"""The Ranker in process: feature hashing as in training, pooling, the tower, bad input.
+
+Embeddings come from a plain function over a dict of rows (the replica path is in
+tests/integration/test_ranking_service.py); the model version is a real directory with a
+real TorchScript tower and manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from recps.embedding import errors as E
+from recps.embedding.feature_ids import HASH_SCHEME, dense_transform, hash_column
+from recps.ps.routing import ShardMap
+from recps.serving.model_format import (
+    COMPLETE_FILE,
+    MANIFEST_FILE,
+    TOWER_FILE,
+    FeatureSpec,
+    FileEntry,
+    ModelManifest,
+    TableSpec,
+    file_sha256,
+    version_dir,
+)
+from recps.serving.ranking import Ranker, RankerConfig, resolve_version_dir
+
+DIM = {"user": 3, "item": 3, "tags": 2}
+
+
+class Tower(torch.nn.Module):
+    """logit = w . [dense, pooled...] (linear, so the test can compute it by hand)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, width))
+
+    def forward(self, dense: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat([dense] + pooled, dim=1)  # noqa: RUF005 (TorchScript has no starred lists)
+        return x @ self.w
+
+
+def make_version(root: Path, version: int) -> Path:
+    vdir = version_dir(root, version)
+    (vdir / "dense").mkdir(parents=True)
+    width = 1 + sum(DIM.values())
+    torch.jit.save(torch.jit.script(Tower(width)), str(vdir / TOWER_FILE))
+    manifest = ModelManifest(
+        version=version,
+        created_at=time.time(),
+        source_checkpoint="test",
+        step=version,
+        model={"kind": "test"},
+        dense_features=("I1",),
+        features=(
+            FeatureSpec("user", "user", "user"),
+            FeatureSpec("item", "item", "item"),
+            FeatureSpec("tags", "tags", "tags", pooling="mean", multi=True),
+        ),
+        hashing={"scheme": HASH_SCHEME},
+        tables={
+            t: TableSpec(dim=d, train_dtype="float32", row_format="float32", rows=0)
+            for t, d in DIM.items()
+        },
+        shard_map=ShardMap.even({0: "replica"}, 16),
+        files={
+            TOWER_FILE: FileEntry(
+                bytes=(vdir / TOWER_FILE).stat().st_size, sha256=file_sha256(vdir / TOWER_FILE)
+            )
+        },
+    )
+    (vdir / MANIFEST_FILE).write_text(manifest.to_json())
+    (vdir / COMPLETE_FILE).write_text("")
+    return vdir
+
+
+class Rows:
+    """Deterministic rows per (table, id), and a record of what was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, np.ndarray]] = []
+
+    def row(self, table: str, ids: np.ndarray) -> np.ndarray:
+        base = (np.abs(ids) % 997).astype(np.float32)[:, None] / 997.0
+        return base * np.arange(1, DIM[table] + 1, dtype=np.float32) - 0.3
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append({t: np.asarray(v).copy() for t, v in batch.items()})
+        return {t: self.row(t, np.asarray(v)) for t, v in batch.items()}
+
+
+def by_hand(rows: Rows, ctx: dict, cands: list[dict]) -> np.ndarray:
+    w = torch.linspace(-1.0, 1.0, 1 + sum(DIM.values())).numpy()
+    out = []
+    for c in cands:
+        f = {**ctx, **c}
+        x = [dense_transform(np.array([f.get("I1", np.nan)], dtype=np.float64))]
+        for name in ("user", "item"):
+            ids = hash_column(pa.array([f[name]]), name)
+            x.append(rows.row(name, ids)[0:1].ravel())
+        tags = f.get("tags") or []
+        if tags:
+            ids = hash_column(pa.array(tags), "tags")
+            x.append(rows.row("tags", ids).mean(0))
+        else:
+            x.append(np.zeros(DIM["tags"], np.float32))
+        logit = float(np.concatenate(x) @ w)
+        out.append(1 / (1 + np.exp(-logit)))
+    return np.array(out, np.float32)
+
+
+def test_scores_match_a_hand_computation_and_ids_hash_as_in_training(tmp_path: Path) -> None:
+    make_version(tmp_path, 3)
+    rows = Rows()
+    ranker = Ranker(RankerConfig(str(tmp_path)), rows)  # a root: its newest version
+    assert ranker.version == 3
+    ctx = {"user": "68fd1e64", "I1": 12, "tags": ["a", "b"]}
+    cands = [{"item": 5}, {"item": "abc"}, {"item": 5, "I1": None, "tags": []}]
+    got = ranker.score(ctx, cands)
+    np.testing.assert_allclose(got, by_hand(rows, ctx, cands), rtol=1e-5, atol=1e-6)
+    # One deduplicated lookup per request: the context's user id went once.
+    (call,) = rows.calls
+    assert len(call["user"]) == 1 and len(call["item"]) == 2 and len(call["tags"]) == 2
+    # The hex string hashes like the integer it spells, as the training reader does.
+    assert call["user"][0] == hash_column(pa.array([0x68FD1E64]), "user")[0]
+
+
+def test_newest_version_is_resolved_and_bad_requests_are_refused(tmp_path: Path) -> None:
+    make_version(tmp_path, 1)
+    v2 = make_version(tmp_path, 2)
+    (tmp_path / ".tmp-3-99").mkdir()  # an export in progress is not a version
+    assert resolve_version_dir(tmp_path) == v2
+    ranker = Ranker(RankerConfig(str(v2), max_candidates=4), Rows())
+    with pytest.raises(E.InvalidArgumentError, match="at least one candidate"):
+        ranker.score({"user": 1}, [])
+    with pytest.raises(E.InvalidArgumentError, match="at most 4"):
+        ranker.score({"user": 1}, [{"item": i} for i in range(5)])
+    with pytest.raises(E.InvalidArgumentError, match="takes one value"):
+        ranker.score({"user": [1, 2]}, [{"item": 1}])
+    with pytest.raises(E.InvalidArgumentError, match="dense feature 'I1'"):
+        ranker.score({"user": 1, "I1": "many"}, [{"item": 1}])
+    with pytest.raises(E.RecpsError):
+        Ranker(RankerConfig(str(tmp_path / "nothing")), Rows())
+
+
+def test_a_model_hashed_with_another_scheme_is_refused(tmp_path: Path) -> None:
+    vdir = make_version(tmp_path, 1)
+    m = (vdir / MANIFEST_FILE).read_text().replace(HASH_SCHEME, "other-scheme-v9")
+    (vdir / MANIFEST_FILE).write_text(m)
+    with pytest.raises(E.ConfigError, match="other-scheme-v9"):
+        Ranker(RankerConfig(str(vdir)), Rows())
