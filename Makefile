@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 # The main job: ~1M synthetic rows, DLRM, 2 PS shards + 2 workers on a local Ray.
 demo: venv
 	$(BIN)/recps train --config deploy/demo.yaml --overwrite
+	$(BIN)/recps demo serve --config deploy/demo.yaml
 
 demo-store: venv
 	$(BIN)/recps demo store

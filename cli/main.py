@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import store_demo
 
     store_demo.add_parser(demo_sub)
+    from recps.cli import serve_demo
+
+    serve_demo.add_parser(demo_sub)
 
     ps = sub.add_parser("ps", help="parameter-server shard processes")
     ps_sub = ps.add_subparsers(dest="ps", metavar="ACTION", required=True)
@@ -48,7 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import export_cmds
 
     export_cmds.add_parser(sub)
+    from recps.cli import serve_cmds
+
+    serve_cmds.add_parser(sub)
+    rank = sub.add_parser(
+        "rank",
+        help="run the ranking service (gRPC Predict + HTTP /predict) over serving replicas",
+        epilog="Example: recps rank --model .demo/models --replicas 127.0.0.1:7101 "
+        "--http-port 8080",
+    )
+    from recps.serving import ranking_server
+
+    ranking_server.add_arguments(rank)
+    rank.set_defaults(func=_cmd_rank)
     return parser
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    import logging
+
+    from recps.embedding.errors import RecpsError
+    from recps.serving import ranking_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = ranking_server.config_from_args(args)
+    except (RecpsError, OSError) as e:
+        print(f"recps rank: {e}", file=sys.stderr)
+        return 2
+    return ranking_server.run(config)
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

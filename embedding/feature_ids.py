@@ -27,6 +27,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,6 +71,7 @@ _HEX_PAIR_LUT = (
 del _lo, _hi
 
 
+@functools.lru_cache(maxsize=65536)
 def feature_salt(feature: str) -> np.uint64:
     """The per-feature salt: ``stable_hash64(feature)``.
 
@@ -90,6 +93,22 @@ def hash_int_ids(values: np.ndarray, feature: str) -> np.ndarray:
         raise DtypeError("ids", values.dtype, "an integer dtype")
     x = values.astype(np.uint64) if values.dtype == np.uint64 else values.astype(np.int64)
     return _salted_ints(x.view(np.uint64), feature_salt(feature)).view(np.int64)
+
+
+def hash_int_columns(values: np.ndarray, features: list[str]) -> np.ndarray:
+    """:func:`hash_int_ids` of several integer columns at once: ``values[k]`` of
+    ``features[k]``; one vectorized pass instead of one per feature.
+
+    >>> v = np.array([[1, 2], [1, 2]])
+    >>> out = hash_int_columns(v, ["C1", "C2"])
+    >>> bool((out[0] == hash_int_ids(v[0], "C1")).all()), bool(out[0, 0] != out[1, 0])
+    (True, True)
+    """
+    x = np.ascontiguousarray(values, dtype=np.int64)
+    if x.ndim != 2 or x.shape[0] != len(features):
+        raise DtypeError("values", x.shape, f"a [{len(features)}, n] integer array")
+    salts = np.array([feature_salt(f) for f in features], dtype=np.uint64)[:, None]
+    return _salted_ints(x.view(np.uint64), salts).view(np.int64)
 
 
 def missing_id(feature: str) -> int:

@@ -1,14 +1,15 @@
-"""Regenerate the committed Python stubs of ``ps.proto``.
+"""Regenerate the committed Python stubs of every .proto here (``PROTO_FILES``).
 
 Usage::
 
-    python proto/gen.py           # rewrite proto/ps_pb2.py, ps_pb2_grpc.py, ps_pb2.pyi
+    python proto/gen.py           # rewrite proto/<name>_pb2.py, _pb2_grpc.py, _pb2.pyi
     python proto/gen.py --check   # exit 1, naming the files, if the committed stubs are stale
 
-The .proto is compiled under the import path ``recps/proto/ps.proto`` (protoc path mapping
-``-Irecps/proto=<this folder>``), so the generated modules import each other as
+Each .proto is compiled under the import path ``recps/proto/<name>.proto`` (protoc path
+mapping ``-Irecps/proto=<this folder>``), so the generated modules import each other as
 ``from recps.proto import ps_pb2`` and never as a bare ``ps_pb2`` or ``proto``. The
-descriptor is registered as ``recps/proto/ps.proto``, which keeps it unique in the pool.
+descriptors are registered as ``recps/proto/<name>.proto``, which keeps them unique in
+the pool.
 
 Importable as ``recps.proto.gen``: :func:`generate` and :func:`stale_files`.
 """
@@ -24,8 +25,12 @@ from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
 IMPORT_PREFIX = "recps/proto"  # where protoc believes this folder lives
-PROTO_FILES = ("ps.proto",)
-GENERATED = ("ps_pb2.py", "ps_pb2_grpc.py", "ps_pb2.pyi")
+PROTO_FILES = ("ps.proto", "serving.proto", "ranking.proto")
+GENERATED = tuple(
+    f"{Path(name).stem}{suffix}"
+    for name in PROTO_FILES
+    for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
+)
 
 
 def _run_protoc(out_root: Path) -> None:

@@ -5,7 +5,7 @@
 * ``ps_module_group``: the same for a whole module (tests that share one cluster).
 
 pytest runs with ``--import-mode=importlib``, so the sibling module is loaded by path and
-registered as ``ps_harness`` for the test modules to import.
+registered as ``ps_harness`` (and ``serving_harness``) for the test modules to import.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pytest
 
-if "ps_harness" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(
-        "ps_harness", Path(__file__).with_name("ps_harness.py")
-    )
-    assert _spec is not None and _spec.loader is not None
-    _harness = importlib.util.module_from_spec(_spec)
-    sys.modules["ps_harness"] = _harness
-    _spec.loader.exec_module(_harness)
+for _name in ("ps_harness", "serving_harness"):
+    if _name not in sys.modules:
+        _spec = importlib.util.spec_from_file_location(
+            _name, Path(__file__).with_name(f"{_name}.py")
+        )
+        assert _spec is not None and _spec.loader is not None
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[_name] = _module
+        _spec.loader.exec_module(_module)
 
-from ps_harness import ShardGroup
+from ps_harness import ShardGroup  # noqa: E402 (registered just above)
 
 
 @pytest.fixture

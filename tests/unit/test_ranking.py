@@ -131,6 +131,31 @@ def test_scores_match_a_hand_computation_and_ids_hash_as_in_training(tmp_path: P
     assert call["user"][0] == hash_column(pa.array([0x68FD1E64]), "user")[0]
 
 
+def test_column_form_equals_row_form_and_numeric_strings_stay_hex(tmp_path: Path) -> None:
+    make_version(tmp_path, 1)
+    ranker = Ranker(RankerConfig(str(tmp_path)), Rows())
+    ctx = {"user": 77, "I1": 3}
+    rows = [{"item": "12", "tags": [1, "b"]}, {"item": 12, "I1": 9.5}, {"item": None}]
+    cols = {
+        "item": ["12", 12, None],
+        "tags": [[1, "b"], None, None],
+        "I1": [3, 9.5, 3],
+    }
+    d1, i1 = ranker.featurize(ctx, rows)
+    d2, i2 = ranker.featurize_columns(ctx, cols, 3)
+    np.testing.assert_array_equal(d1, d2)
+    for name in i1:
+        np.testing.assert_array_equal(i1[name][0], i2[name][0])
+    # "12" is the hex string training reads as 0x12, never the integer twelve.
+    item = i1["item"][0]
+    assert item[0] == hash_column(pa.array(["12"]), "item")[0] != item[1]
+    assert item[0] == hash_column(pa.array([0x12]), "item")[0]
+    # The context's user id is hashed once and broadcast.
+    assert (i2["user"][0] == hash_column(pa.array([77]), "user")[0]).all()
+    with pytest.raises(E.InvalidArgumentError, match="column 'item' has 2 values"):
+        ranker.featurize_columns(ctx, {"item": [1, 2]}, 3)
+
+
 def test_newest_version_is_resolved_and_bad_requests_are_refused(tmp_path: Path) -> None:
     make_version(tmp_path, 1)
     v2 = make_version(tmp_path, 2)

@@ -1,0 +1,207 @@
+"""The serving replica's in-memory cache of hot decoded rows.
+
+A thin, thread-safe front over the training store's :class:`HotTier`: its vectorized
+open-addressing index and generalized-CLOCK eviction (a hit bumps a saturating counter,
+the hand evicts rows whose counter has run down), so a Zipf head survives a stream of
+one-off ids. Rows are kept decoded (float32): a hit costs a gather, never an int8/float16
+decode. A serving version is immutable, so a cached row never goes stale; the cache dies
+with its version.
+
+**Several tables, one cache.** A ranking request touches ~26 tables with ~100 ids each;
+per-table caches would cost 26 index probes and 26 admissions per request, and numpy's
+per-call overhead, not the work, would dominate. So tables of one dim share one cache:
+an entry's index key is a 64-bit mix of (table, id), and the real table and id are
+stored beside the row and compared on every hit, so a (vanishingly rare) key collision
+is a miss, never a wrong row. Capacity is shared: hot tables take the room they need.
+
+Example:
+    >>> import numpy as np
+    >>> cache = RowCache(dim=2, capacity_rows=100, tables=2)
+    >>> cache.admit(np.array([7, 7]), np.array([[1, 2], [3, 4]], np.float32), np.array([0, 1]))
+    >>> hit, rows = cache.lookup(np.array([7, 5]), np.array([1, 1]))
+    >>> hit.tolist(), rows.tolist()
+    ([True, False], [[3.0, 4.0]])
+    >>> cache.stats(table=1).hits, cache.stats(table=1).misses, cache.stats(table=0).rows
+    (1, 1, 1)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from recps.embedding.errors import ConfigError
+from recps.embedding.hashing import GOLDEN, as_u64, mix64
+from recps.embedding.hot_tier import HotTier, put_rows, take_rows
+
+_INDEX_CELL_BYTES = 16  # HotTier's index cell, one (key, slot) pair
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    rows: int  # rows held now (of the table asked about, or all)
+    capacity: int  # rows the cache can hold (shared by its tables)
+    hits: int  # ids answered from the cache
+    misses: int  # ids the caller had to fetch
+    evictions: int  # of the whole cache
+    memory_bytes: int  # of the whole cache
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class RowCache:
+    """Bounded cache ``(table, id) -> float32 row`` for ``tables`` tables of one dim.
+
+    Every method takes ids unique per table; ``table`` is the table index (0 ..
+    tables-1) of each id, or None for table 0. ``capacity_rows=0`` disables the cache
+    (every lookup misses, nothing is kept).
+    """
+
+    def __init__(self, dim: int, capacity_rows: int, tables: int = 1) -> None:
+        if dim < 1 or capacity_rows < 0 or tables < 1:
+            raise ConfigError(
+                f"cache needs dim >= 1, capacity_rows >= 0 and tables >= 1, got {dim}, "
+                f"{capacity_rows}, {tables}"
+            )
+        self.dim, self.tables = dim, tables
+        self._tier: HotTier | None = None
+        if capacity_rows:
+            # HotTier sizes itself from a byte budget (rows + a power-of-two index at load
+            # <= 1/2); this budget makes its capacity exactly capacity_rows (>= 16).
+            row_bytes = 4 * dim + 28  # emb f32 + updated_at + count + row_id + 4 flags
+            index_cells = 1 << max(4, (2 * capacity_rows - 1).bit_length())
+            budget = capacity_rows * row_bytes + index_cells * _INDEX_CELL_BYTES
+            self._tier = HotTier(dim, "float32", 0, budget)
+        self.capacity = self._tier.capacity if self._tier is not None else 0
+        # With one table the key is the id itself: exact, nothing to verify.
+        self._shared = tables > 1
+        with np.errstate(over="ignore"):
+            self._salts = (np.arange(1, tables + 1, dtype=np.uint64) * GOLDEN) | np.uint64(1)
+        cap = self.capacity if self._shared else 0
+        self._ids = np.zeros(cap, dtype=np.int64)  # per slot: the real (table, id)
+        self._tbl = np.zeros(cap, dtype=np.int32)
+        # One lock: HotTier is not thread-safe, and a lookup's gather must not see a slot
+        # that another thread's admit is evicting and refilling.
+        self._lock = threading.Lock()
+        self._hits = np.zeros(tables, dtype=np.int64)
+        self._misses = np.zeros(tables, dtype=np.int64)
+        self._rows = np.zeros(tables, dtype=np.int64)  # rows held, per table
+        self._evictions = 0
+
+    def keys(self, ids: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
+        """The index keys of (table, id) pairs: the ids themselves for a one-table cache,
+        else a 64-bit mix of both. Callers may use them to deduplicate (then check the
+        rare collision, see :func:`recps.serving.replica._lookup_group`) and pass them
+        back to :meth:`lookup` and :meth:`admit`."""
+        if not self._shared:
+            return ids
+        t = np.zeros(len(ids), dtype=np.intp) if table is None else table
+        return mix64(as_u64(ids) ^ self._salts[t]).view(np.int64)
+
+    _keys = keys  # what lookup/admit call: tests may override it to force collisions
+
+    def _count(self, counter: np.ndarray, table: np.ndarray | None, mask: np.ndarray) -> None:
+        if self.tables == 1 or table is None:
+            counter[0] += int(np.count_nonzero(mask))
+        else:
+            counter += np.bincount(table[mask], minlength=self.tables)
+
+    def lookup(
+        self, ids: np.ndarray, table: np.ndarray | None = None, keys: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(hit mask [n], rows of the hits [n_hit, dim])``; ``keys``: from :meth:`keys`."""
+        tier = self._tier
+        if tier is None or not len(ids):
+            with self._lock:
+                self._count(self._misses, table, np.ones(len(ids), dtype=bool))
+            return np.zeros(len(ids), dtype=bool), np.empty((0, self.dim), np.float32)
+        if keys is None:
+            keys = self._keys(ids, table)
+        with self._lock:
+            slots = tier.find(keys)
+            hit = slots >= 0
+            if self._shared:
+                s = np.where(hit, slots, 0)
+                hit &= self._ids[s] == ids
+                hit &= self._tbl[s] == (0 if table is None else table)
+            found = slots[hit]
+            tier.touch(found)
+            rows = take_rows(tier.emb, found)
+            self._count(self._hits, table, hit)
+            self._count(self._misses, table, ~hit)
+        return hit, rows
+
+    def admit(
+        self,
+        ids: np.ndarray,
+        rows: np.ndarray,
+        table: np.ndarray | None = None,
+        keys: np.ndarray | None = None,
+    ) -> None:
+        """Keep ``rows`` (evicting cold rows). Entries already held are skipped (another
+        request may have admitted them meanwhile); beyond capacity, only the first
+        ``capacity`` are kept. ``keys`` (from :meth:`keys`) must be unique if given."""
+        tier = self._tier
+        if tier is None or not len(ids):
+            return
+        if len(ids) > self.capacity:
+            ids, rows = ids[: self.capacity], rows[: self.capacity]
+            table = None if table is None else table[: self.capacity]
+            keys = None if keys is None else keys[: self.capacity]
+        given = keys is not None
+        if keys is None:
+            keys = self._keys(ids, table)
+        if self._shared and len(keys) > 1 and not given:
+            # Two (table, id) pairs of this batch with one key (a 64-bit collision): keep one.
+            _, first = np.unique(keys, return_index=True)
+            if len(first) < len(keys):
+                ids, rows, keys = ids[first], rows[first], keys[first]
+                table = None if table is None else table[first]
+        with self._lock:
+            new = tier.find(keys) < 0
+            if not new.all():
+                ids, rows, keys = ids[new], rows[new], keys[new]
+                table = None if table is None else table[new]
+            k = len(keys)
+            if not k:
+                return
+            short = k - tier.n_free
+            if short > 0:
+                victims = tier.select_victims(short)
+                if self._shared:
+                    self._rows -= np.bincount(self._tbl[victims], minlength=self.tables)
+                else:
+                    self._rows[0] -= len(victims)
+                tier.remove(victims)
+                self._evictions += len(victims)
+            slots = tier.insert(keys)
+            put_rows(tier.emb, slots, rows)
+            if self._shared:
+                self._ids[slots] = ids
+                self._tbl[slots] = 0 if table is None else table
+                if table is None:
+                    self._rows[0] += k
+                else:
+                    self._rows += np.bincount(table, minlength=self.tables)
+            else:
+                self._rows[0] += k
+
+    def stats(self, table: int | None = None) -> CacheStats:
+        """Counters of one table (``rows`` counts its rows; evictions and memory are the
+        whole cache's), or of all tables together."""
+        with self._lock:
+            tier = self._tier
+            sel = slice(None) if table is None else table
+            return CacheStats(
+                rows=int(np.sum(self._rows[sel])),
+                capacity=self.capacity,
+                hits=int(np.sum(self._hits[sel])),
+                misses=int(np.sum(self._misses[sel])),
+                evictions=self._evictions,
+                memory_bytes=tier.memory_bytes if tier is not None else 0,
+            )

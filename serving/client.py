@@ -1,0 +1,400 @@
+"""Embedding lookups over several serving replicas, balanced, with failover.
+
+Replicas (:mod:`recps.serving.replica`) each hold some or all serving shards of a model
+version. :class:`ServingClient` learns who holds what from every replica's admin
+``Status`` and the slot map from ``GetShardMap``, then for every lookup
+
+* routes each unique id to its serving shard (the PS's slot function);
+* picks, per shard, the holder with the fewest requests in flight from this client
+  (ties rotate), so load spreads across replicas and a slow replica gets less;
+* sends one ``Lookup`` per chosen replica, all tables in it, replicas in parallel;
+* on ``UNAVAILABLE`` / ``DEADLINE_EXCEEDED`` / ``RESOURCE_EXHAUSTED`` marks that replica
+  down for ``down_s`` (doubling while it stays down) and re-sends its part to another
+  holder of the same shards, so one dead replica never fails a request that another
+  replica can answer.
+
+Lookups are read-only, so re-sending is always safe.
+
+Example:
+    >>> client = ServingClient(["127.0.0.1:7101", "127.0.0.1:7102"])  # doctest: +SKIP
+    >>> client.lookup({"C1": np.array([3, 5, 3])})["C1"].shape  # doctest: +SKIP
+    (3, 16)
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from recps.embedding import errors as E
+from recps.proto import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc
+from recps.ps import wire
+from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
+from recps.ps.errors import from_rpc_error
+from recps.ps.routing import ShardMap, slot_of
+
+_FAILOVER_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+
+
+@dataclass(frozen=True)
+class ServingClientConfig:
+    """How a :class:`ServingClient` talks to replicas.
+
+    ``timeout_s`` is the deadline of one Lookup RPC (online serving: short). A replica
+    that fails is skipped for ``down_s``, doubling up to ``max_down_s`` while it keeps
+    failing. ``max_attempts`` bounds how many replicas one part of a request may try.
+    """
+
+    timeout_s: float = 1.0
+    down_s: float = 0.5
+    max_down_s: float = 10.0
+    max_attempts: int = 3
+    dtype: str = "float32"  # rows on the wire: float32 or float16
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls: TlsConfig | None = None
+    auth_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.down_s <= 0 or self.max_down_s < self.down_s:
+            raise E.ConfigError("timeout_s, down_s must be > 0 and max_down_s >= down_s")
+        if self.max_attempts < 1:
+            raise E.ConfigError("max_attempts must be >= 1")
+        if self.dtype not in wire.STORAGE_TO_WIRE:
+            raise E.ConfigError(f"dtype must be one of {sorted(wire.STORAGE_TO_WIRE)}")
+
+
+class _Replica:
+    def __init__(self, address: str, channel: grpc.Channel) -> None:
+        self.address = address
+        self.channel = channel
+        self.ps = ps_pb2_grpc.ParameterServerStub(channel)
+        self.admin = serving_pb2_grpc.ServingAdminStub(channel)
+        self.shards: frozenset[int] = frozenset()
+        self.version = 0
+        self.inflight = 0
+        self.down_until = 0.0
+        self.down_for = 0.0
+        self.failures = 0
+
+
+class ServingClient:
+    """Balanced, failing-over lookups across serving replicas; thread-safe."""
+
+    def __init__(self, replicas: Sequence[str], config: ServingClientConfig | None = None) -> None:
+        if not replicas:
+            raise E.ConfigError("a ServingClient needs at least one replica address")
+        self.config = config or ServingClientConfig()
+        self._lock = threading.Lock()
+        self._rr = itertools.count()
+        self._replicas = [_Replica(a, self._open(a)) for a in dict.fromkeys(replicas)]
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(2, len(self._replicas)), thread_name_prefix="recps-serving"
+        )
+        self._map: ShardMap | None = None
+        self._all_shards: frozenset[int] = frozenset()
+        self.refresh()
+
+    # ---- discovery -----------------------------------------------------------------------
+
+    def _open(self, address: str) -> grpc.Channel:
+        c = self.config
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.enable_retries", 0),  # failover is ours: to another replica, not the same
+            # A replica that restarts should be usable again within a second.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if c.tls is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=c.tls.read("ca_file"),
+                private_key=c.tls.read("key_file"),
+                certificate_chain=c.tls.read("cert_file"),
+            )
+            return grpc.secure_channel(address, creds, options=opts)
+        return grpc.insecure_channel(address, options=opts)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self.config.auth_token
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    def refresh(self) -> None:
+        """Ask every replica which shards it holds and which version it serves.
+
+        Replicas that do not answer keep their last known shards (they are tried again
+        after their down time). Raises :class:`ShardUnavailableError` when no replica
+        answers at all on the first refresh.
+        """
+        errors = []
+        for r in self._replicas:
+            try:
+                st = r.admin.Status(
+                    serving_pb2.StatusRequest(), timeout=5.0, metadata=self._metadata()
+                )
+                if self._map is None:
+                    msg = r.ps.GetShardMap(
+                        ps_pb2.GetShardMapRequest(), timeout=5.0, metadata=self._metadata()
+                    )
+                    self._map = ShardMap.from_proto(msg)
+                    self._all_shards = frozenset(int(x) for x in np.unique(self._map.slot_owner))
+            except grpc.RpcError as e:
+                errors.append(from_rpc_error(e, r.address))
+                continue
+            with self._lock:
+                r.shards = frozenset(int(s) for s in st.shards)
+                r.version = int(st.current.version)
+        if self._map is None:
+            raise E.ShardUnavailableError(
+                "no serving replica answered: " + "; ".join(str(e) for e in errors)
+            )
+
+    @property
+    def versions(self) -> dict[str, int]:
+        """Model version each replica served at the last refresh."""
+        return {r.address: r.version for r in self._replicas}
+
+    # ---- lookups -------------------------------------------------------------------------
+
+    def _pick_full(self, exclude: set[str]) -> _Replica | None:
+        """The least busy up replica that holds every shard (None: none is up)."""
+        now = time.monotonic()
+        full = [
+            r
+            for r in self._replicas
+            if r.shards >= self._all_shards and r.address not in exclude and r.down_until <= now
+        ]
+        if not full:
+            return None
+        k = next(self._rr)
+        return min(full, key=lambda r: (r.inflight, (full.index(r) - k) % len(full)))
+
+    def _pick(self, shard: int, exclude: set[str]) -> _Replica | None:
+        now = time.monotonic()
+        holders = [r for r in self._replicas if shard in r.shards and r.address not in exclude]
+        if not holders:
+            return None
+        up = [r for r in holders if r.down_until <= now] or holders  # all down: try anyway
+        k = next(self._rr)
+        return min(
+            up, key=lambda r: (r.inflight, (up.index(r) - k) % len(up))
+        )  # least in flight, ties rotate
+
+    def lookup(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``{table: ids}`` -> ``{table: float32 [n, dim]}``; ids need not be unique.
+
+        Missing ids come back as the table's default vector (the replica decides).
+        """
+        assert self._map is not None
+        uniq: dict[str, np.ndarray] = {}
+        inverse: dict[str, np.ndarray | None] = {}
+        for t, ids in batch.items():
+            a = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).reshape(-1)
+            if len(a) < 2 or bool((a[1:] > a[:-1]).all()):  # already unique (the Ranker's)
+                uniq[t], inverse[t] = a, None
+            else:
+                uniq[t], inverse[t] = np.unique(a, return_inverse=True)
+        tried_full: set[str] = set()
+        last_error: Exception | None = None
+        # The common deployment: replicas that hold every shard. One RPC to one of them,
+        # no per-id routing at all; per-shard routing only when none of them can answer.
+        for _ in range(self.config.max_attempts):
+            with self._lock:
+                r = self._pick_full(tried_full)
+                if r is not None:
+                    r.inflight += 1
+            if r is None:
+                break
+            try:
+                got = self._call(r, None, uniq, None)
+            except _Failover as e:
+                last_error = e.error
+                tried_full.add(r.address)
+                continue
+            return {t: _expand(got[t][1], inverse[t]) for t in uniq}
+        shard_of = {}
+        for t, u in uniq.items():
+            shard_of[t] = self._map.slot_owner[slot_of(t, u, self._map.num_slots)].astype(np.int64)
+        rows: dict[str, np.ndarray | None] = dict.fromkeys(uniq)
+        pending = sorted({int(s) for s in itertools.chain(*shard_of.values())})
+        tried: dict[int, set[str]] = {s: set(tried_full) for s in pending}
+        for _ in range(self.config.max_attempts):
+            if not pending:
+                break
+            plan: dict[str, tuple[_Replica, list[int]]] = {}
+            with self._lock:
+                for s in pending:
+                    r = self._pick(s, tried[s])
+                    if r is None:
+                        continue
+                    plan.setdefault(r.address, (r, []))[1].append(s)
+                for r, _ in plan.values():
+                    r.inflight += 1
+            if not plan:
+                break
+            calls = list(plan.values())
+            if len(calls) == 1:  # the common case: no hop through the pool
+                r, shards = calls[0]
+                futures = [(r, shards, _Done(self._call, r, shards, uniq, shard_of))]
+            else:
+                futures = [
+                    (r, shards, self._pool.submit(self._call, r, shards, uniq, shard_of))
+                    for r, shards in calls
+                ]
+            failed: list[int] = []
+            for r, shards, fut in futures:
+                try:
+                    got = fut.result()
+                except _Failover as e:
+                    last_error = e.error
+                    failed.extend(shards)
+                    for s in shards:
+                        tried[s].add(r.address)
+                    continue
+                for t, (idx, part) in got.items():
+                    assert idx is not None
+                    out = rows[t]
+                    if out is None:
+                        out = rows[t] = np.empty((len(uniq[t]), part.shape[1]), np.float32)
+                    out[idx] = part
+            pending = failed
+        if pending:
+            raise E.ShardUnavailableError(
+                f"no replica could answer serving shards {pending}: {last_error}"
+            )
+        out = {}
+        for t in uniq:
+            r = rows[t]
+            out[t] = _expand(np.zeros((0, 0), np.float32) if r is None else r, inverse[t])
+        return out
+
+    def _call(
+        self,
+        r: _Replica,
+        shards: list[int] | None,
+        uniq: Mapping[str, np.ndarray],
+        shard_of: Mapping[str, np.ndarray] | None,
+    ) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+        """One Lookup to ``r``: the ids of ``shards`` (None: every id; ``r`` holds all)."""
+        req = ps_pb2.LookupRequest(
+            shard_map_epoch=0,  # replicas route by their model's map, not a training epoch
+            create_missing=False,
+            want_dtype=wire.STORAGE_TO_WIRE[self.config.dtype],
+        )
+        picks: dict[str, np.ndarray | None] = {}
+        if shards is None:
+            for t, u in uniq.items():
+                picks[t] = None
+                req.tables.add(table=t, ids=wire.encode_ids(u))
+        else:
+            assert shard_of is not None
+            mine = np.asarray(shards, dtype=np.int64)
+            for t, u in uniq.items():
+                idx = np.flatnonzero(np.isin(shard_of[t], mine))
+                if len(idx):
+                    picks[t] = idx
+                    req.tables.add(table=t, ids=wire.encode_ids(u[idx]))
+        try:
+            resp = r.ps.Lookup(req, timeout=self.config.timeout_s, metadata=self._metadata())
+        except grpc.RpcError as e:
+            err = from_rpc_error(e, r.address)
+            if e.code() in _FAILOVER_CODES:
+                self._mark(r, down=True)
+                raise _Failover(err) from None
+            self._mark(r, down=False)
+            raise err from None
+        finally:
+            with self._lock:
+                r.inflight -= 1
+        self._mark(r, down=False)
+        got = {}
+        for tr in resp.tables:
+            idx = picks[tr.table]
+            n = len(uniq[tr.table]) if idx is None else len(idx)
+            got[tr.table] = (
+                idx,
+                wire.decode_rows(tr.rows, n, tr.dim, tr.dtype, f"{tr.table} rows"),
+            )
+        return got
+
+    def _mark(self, r: _Replica, down: bool) -> None:
+        with self._lock:
+            if down:
+                c = self.config
+                r.failures += 1
+                r.down_for = min(c.max_down_s, r.down_for * 2 if r.down_for else c.down_s)
+                r.down_until = time.monotonic() + r.down_for
+            else:
+                r.down_for = 0.0
+                r.down_until = 0.0
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per replica: address, shards, version, in flight, failures, down."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {
+                    "address": r.address,
+                    "shards": sorted(r.shards),
+                    "version": r.version,
+                    "inflight": r.inflight,
+                    "failures": r.failures,
+                    "down": r.down_until > now,
+                }
+                for r in self._replicas
+            ]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for r in self._replicas:
+            r.channel.close()
+
+    def __enter__(self) -> ServingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _expand(rows: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
+    """Rows of the unique ids back in the caller's order (a copy: never a view of a
+    response buffer)."""
+    if inverse is None:
+        return rows if rows.flags.writeable else rows.copy()
+    return rows.take(inverse, axis=0)
+
+
+class _Done:
+    """Runs ``fn(*args)`` now; ``result()`` returns its value or raises its error."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # re-raised by result(), as a future would
+            self._error = e
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Failover(Exception):
+    def __init__(self, error: E.RecpsError) -> None:
+        super().__init__(str(error))
+        self.error = error

@@ -1,0 +1,502 @@
+"""The ranking service: ``recps.serving.v1.Ranking/Predict`` over gRPC, plus HTTP/JSON.
+
+It runs a :class:`~recps.serving.ranking.Ranker` over a
+:class:`~recps.serving.client.ServingClient` (embeddings from serving replicas):
+
+* gRPC ``Predict`` (proto/ranking.proto) with health checking and the PS's bearer-token
+  check;
+* HTTP on ``http_port``: ``POST /predict`` with ``{"context": {...}, "candidates":
+  [{...}, ...]}`` answers ``{"scores": [...], "model_version": v, ...}``;
+  ``GET /healthz``; ``GET /metrics`` (Prometheus text);
+* hot swap: with ``watch_interval_s > 0`` and a model *root*, a newer complete version is
+  loaded in the background and swapped in atomically; a request scores wholly with the
+  tower it started with. The replicas swap their tables on their own schedule, so for up
+  to one watch interval a tower may read the other version's rows (same tables, same
+  dims; the manifest check refuses a version whose tables changed shape).
+
+Example (in process; ``python -m recps.serving.ranking_server`` runs it as a service)::
+
+    service = RankingService(RankingServerConfig(model="/models", replicas=("127.0.0.1:7101",)))
+    server = RankingServer(service).start()
+    print(server.port, server.http_port)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from recps.embedding import errors as E
+from recps.proto import ranking_pb2, ranking_pb2_grpc
+from recps.ps.config import TlsConfig
+from recps.ps.errors import abort, code_of
+from recps.serving.client import ServingClient, ServingClientConfig
+from recps.serving.model_format import latest_version, version_dir
+from recps.serving.ranking import Ranker, RankerConfig, resolve_version_dir
+
+log = logging.getLogger("recps.serving.ranking")
+
+SERVICE = "recps.serving.v1.Ranking"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+@dataclass(frozen=True)
+class RankingServerConfig:
+    """One ranking service: the model, where its embeddings live, where it listens."""
+
+    model: str  # a model root (hot swap by watching it) or one version directory
+    replicas: tuple[str, ...]  # serving replica addresses
+    host: str = "127.0.0.1"
+    port: int = 0  # gRPC; 0 = any free port
+    http_port: int | None = 0  # None = no HTTP endpoint
+    max_workers: int = 8
+    watch_interval_s: float = 0.0  # > 0: follow new versions under a model root
+    threads: int = 1  # torch intra-op threads per request
+    lookup_timeout_s: float = 1.0
+    auth_token: str | None = None
+    tls: TlsConfig | None = None  # server side (cert_file + key_file)
+    client_tls: TlsConfig | None = None  # towards the replicas
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            raise E.ConfigError("a ranking service needs at least one replica address")
+        if self.watch_interval_s < 0 or self.max_workers < 1:
+            raise E.ConfigError("watch_interval_s must be >= 0 and max_workers >= 1")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    scores: np.ndarray
+    model_version: int
+    lookup_ms: float
+    tower_ms: float
+
+
+class RankingService:
+    """Scores requests with the current model version; swaps versions atomically."""
+
+    def __init__(self, config: RankingServerConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "recps_predict_latency_seconds",
+            "Predict latency, end to end in the service",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.lookup_latency = Histogram(
+            "recps_predict_lookup_seconds",
+            "Embedding lookup time of a Predict",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "recps_predict_errors_total", "Failed Predicts", ["code"], registry=self.registry
+        )
+        self.version_gauge = Gauge(
+            "recps_ranking_model_version", "Model version scoring requests", registry=self.registry
+        )
+        self.client = ServingClient(
+            config.replicas,
+            ServingClientConfig(
+                timeout_s=config.lookup_timeout_s,
+                auth_token=config.auth_token,
+                tls=config.client_tls,
+            ),
+        )
+        self._ranker = self._load(resolve_version_dir(config.model))
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if config.watch_interval_s > 0 and not (Path(config.model) / "manifest.json").exists():
+            self._watcher = threading.Thread(
+                target=self._watch, name="recps-ranking-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def _load(self, vdir: Path) -> Ranker:
+        ranker = Ranker(
+            RankerConfig(model=str(vdir), threads=self.config.threads), self.client.lookup
+        )
+        self.version_gauge.set(ranker.version)
+        log.info("ranking with model version %d from %s", ranker.version, vdir)
+        return ranker
+
+    @property
+    def version(self) -> int:
+        return self._ranker.version
+
+    def load_version(self, version: int | None = None) -> int:
+        """Swap to ``version`` (None: the newest under the root); returns the version."""
+        root = Path(self.config.model)
+        v = latest_version(root) if version is None else version
+        if v is None:
+            raise E.InvalidArgumentError(f"no complete model version under {root}")
+        if v != self._ranker.version:
+            new = self._load(version_dir(root, v))
+            old = self._ranker
+            if [t.dim for t in new.manifest.tables.values()] != [
+                t.dim for t in old.manifest.tables.values()
+            ]:
+                raise E.ConfigError(f"version {v} changes table dims; start a new service for it")
+            self._ranker = new  # one reference swap: requests keep the ranker they took
+        return v
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.watch_interval_s):
+            try:
+                latest = latest_version(self.config.model)
+                if latest is not None and latest > self._ranker.version:
+                    self.load_version(latest)
+            except E.RecpsError as e:  # keep serving the current version
+                log.warning("model watch: %s", e)
+
+    def predict(
+        self,
+        context: Mapping[str, Any],
+        candidates: list[Mapping[str, Any]] | None = None,
+        columns: Mapping[str, Any] | None = None,
+    ) -> Prediction:
+        """Scores of row-form ``candidates`` or column-form ``columns`` (not both)."""
+        ranker = self._ranker  # this request's version, whatever swaps meanwhile
+        t0 = time.perf_counter()
+        if candidates and columns:
+            raise E.InvalidArgumentError("give candidates row-wise or column-wise, not both")
+        if columns:
+            n = len(next(iter(columns.values())))
+            dense, ids = ranker.featurize_columns(context, columns, n)
+        else:
+            n = len(candidates or ())
+            dense, ids = ranker.featurize(context, candidates or [])
+        pooled = ranker.pooled(ids, n)
+        t1 = time.perf_counter()
+        scores = ranker.score_arrays(dense, pooled)
+        t2 = time.perf_counter()
+        self.lookup_latency.observe(t1 - t0)
+        return Prediction(scores, ranker.version, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self.client.close()
+
+
+# ---- gRPC --------------------------------------------------------------------------------
+
+
+def _value(v: ranking_pb2.FeatureValue) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind in ("int_list", "str_list"):
+        return list(getattr(v, kind).values)
+    return getattr(v, kind)
+
+
+def _features(f: ranking_pb2.Features) -> dict[str, Any]:
+    return {k: _value(v) for k, v in f.values.items()}
+
+
+def _columns(cols: Mapping[str, ranking_pb2.Column]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, c in cols.items():
+        used = [f for f in ("int_values", "float_values", "str_values") if len(getattr(c, f))]
+        if len(used) > 1:
+            raise E.InvalidArgumentError(f"column {name!r} sets {' and '.join(used)}")
+        if c.int_values:
+            vals: Any = np.array(c.int_values, dtype=np.int64)
+        elif c.float_values:
+            vals = np.array(c.float_values, dtype=np.float64)
+        else:
+            vals = list(c.str_values)
+        if c.lengths:
+            lengths = np.array(c.lengths, dtype=np.int64)
+            if int(lengths.sum()) != len(vals):
+                raise E.InvalidArgumentError(
+                    f"column {name!r}: lengths sum to {int(lengths.sum())}, {len(vals)} values"
+                )
+            bounds = np.cumsum(lengths)[:-1]
+            vals = [list(part) for part in np.split(np.asarray(vals, dtype=object), bounds)]
+        out[name] = vals
+    return out
+
+
+class _RankingServicer(ranking_pb2_grpc.RankingServicer):
+    def __init__(self, service: RankingService) -> None:
+        self.service = service
+
+    def Predict(
+        self, request: ranking_pb2.PredictRequest, context: grpc.ServicerContext
+    ) -> ranking_pb2.PredictResponse:
+        s = self.service
+        t0 = time.perf_counter()
+        try:
+            p = s.predict(
+                _features(request.context),
+                [_features(c) for c in request.candidates],
+                _columns(request.columns) if request.columns else None,
+            )
+        except E.RecpsError as e:
+            s.errors.labels(code_of(e).name).inc()
+            abort(context, e)
+            raise  # unreachable: abort raises
+        s.latency.labels("grpc").observe(time.perf_counter() - t0)
+        return ranking_pb2.PredictResponse(
+            scores=p.scores.tolist(),
+            model_version=p.model_version,
+            request_id=request.request_id,
+            lookup_ms=p.lookup_ms,
+            tower_ms=p.tower_ms,
+        )
+
+
+class _TokenCheck(grpc.ServerInterceptor):
+    """Bearer token on every call except health checks (probes need no secret)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._deny = grpc.unary_unary_rpc_method_handler(
+            lambda req, ctx: ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        )
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if details.method.startswith("/grpc.health.v1."):
+            return continuation(details)
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        got = got.encode() if isinstance(got, str) else got
+        if not hmac.compare_digest(got, self._expected):
+            return self._deny
+        return continuation(details)
+
+
+# ---- HTTP --------------------------------------------------------------------------------
+
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+MAX_HTTP_BODY = 16 << 20
+
+
+def _http_handler(service: RankingService) -> type[BaseHTTPRequestHandler]:
+    expected = f"Bearer {service.config.auth_token}" if service.config.auth_token else None
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a ranking client sends many requests
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("http %s", format % args)
+
+        def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, code: int, obj: Any) -> None:
+            self._send(code, json.dumps(obj).encode())
+
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                self._json(200, {"status": "SERVING", "model_version": service.version})
+            elif self.path == "/metrics":
+                self._send(200, generate_latest(service.registry), "text/plain; version=0.0.4")
+            else:
+                self._json(404, {"error": f"no such path {self.path}"})
+
+        def do_POST(self) -> None:
+            t0 = time.perf_counter()
+            if self.path != "/predict":
+                self._json(404, {"error": f"no such path {self.path}"})
+                return
+            if expected is not None and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(), expected.encode()
+            ):
+                self._json(401, {"error": "missing or wrong bearer token"})
+                return
+            try:
+                n = int(self.headers.get("Content-Length", "0"))
+                if n > MAX_HTTP_BODY:
+                    raise E.CapacityError(f"body of {n} bytes exceeds {MAX_HTTP_BODY}")
+                try:
+                    req = json.loads(self.rfile.read(n) or b"null")
+                except ValueError as e:
+                    raise E.InvalidArgumentError(f"body is not JSON: {e}") from None
+                cands = req.get("candidates") if isinstance(req, dict) else None
+                cols = req.get("columns") if isinstance(req, dict) else None
+                if not isinstance(cands, list) and not isinstance(cols, dict):
+                    raise E.InvalidArgumentError(
+                        'body must be {"context": {...}, "candidates": [{...}, ...]} or '
+                        '{"context": {...}, "columns": {"name": [...], ...}}'
+                    )
+                ctx = req.get("context") or {}
+                if not isinstance(ctx, dict) or not all(isinstance(c, dict) for c in cands or []):
+                    raise E.InvalidArgumentError("context and each candidate must be objects")
+                if cols is not None and not all(isinstance(v, list) for v in cols.values()):
+                    raise E.InvalidArgumentError("each column must be a list")
+                p = service.predict(ctx, cands, cols)
+            except E.RecpsError as e:
+                service.errors.labels(e.status).inc()
+                self._json(_HTTP_STATUS.get(e.status, 500), {"error": str(e), "status": e.status})
+                return
+            service.latency.labels("http").observe(time.perf_counter() - t0)
+            self._json(
+                200,
+                {
+                    "scores": p.scores.tolist(),
+                    "model_version": p.model_version,
+                    "request_id": req.get("request_id", ""),
+                    "lookup_ms": p.lookup_ms,
+                    "tower_ms": p.tower_ms,
+                },
+            )
+
+    return Handler
+
+
+# ---- the server ----------------------------------------------------------------------------
+
+
+class RankingServer:
+    """gRPC + HTTP front of a :class:`RankingService`."""
+
+    def __init__(self, service: RankingService) -> None:
+        c = service.config
+        self.service = service
+        interceptors = [_TokenCheck(c.auth_token)] if c.auth_token else []
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(c.max_workers, thread_name_prefix="recps-rank"),
+            interceptors=interceptors,
+        )
+        ranking_pb2_grpc.add_RankingServicer_to_server(_RankingServicer(service), self.grpc_server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        bind = f"{c.host}:{c.port}"
+        if c.tls is not None:
+            creds = grpc.ssl_server_credentials([(c.tls.read("key_file"), c.tls.read("cert_file"))])
+            self.port = self.grpc_server.add_secure_port(bind, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(bind)
+        if not self.port:
+            raise E.ConfigError(f"cannot bind {bind}")
+        self.address = f"{c.host}:{self.port}"
+        self.http: ThreadingHTTPServer | None = None
+        self.http_port: int | None = None
+        if c.http_port is not None:
+            self.http = ThreadingHTTPServer((c.host, c.http_port), _http_handler(service))
+            self.http.daemon_threads = True
+            self.http_port = self.http.server_address[1]
+
+    def start(self) -> RankingServer:
+        self.grpc_server.start()
+        if self.http is not None:
+            threading.Thread(
+                target=self.http.serve_forever, name="recps-rank-http", daemon=True
+            ).start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        self.grpc_server.stop(grace_s).wait()
+        self.service.close()
+
+
+# ---- process entry point -----------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model root (or one version directory)")
+    p.add_argument("--replicas", required=True, help="serving replica addresses, comma separated")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--http-port", type=int, default=0, help="HTTP/JSON port (0: any; -1: no HTTP)")
+    p.add_argument("--watch-interval-s", type=float, default=5.0, help="0: no hot swap")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per request")
+    p.add_argument("--max-workers", type=int, default=8)
+    p.add_argument("--lookup-timeout-s", type=float, default=1.0)
+    p.add_argument("--auth-token-file", help="file holding the bearer token (clients and replicas)")
+
+
+def config_from_args(a: argparse.Namespace) -> RankingServerConfig:
+    token = Path(a.auth_token_file).read_text().strip() if a.auth_token_file else None
+    return RankingServerConfig(
+        model=a.model,
+        replicas=tuple(x.strip() for x in a.replicas.split(",") if x.strip()),
+        host=a.host,
+        port=a.port,
+        http_port=None if a.http_port < 0 else a.http_port,
+        watch_interval_s=a.watch_interval_s,
+        threads=a.threads,
+        max_workers=a.max_workers,
+        lookup_timeout_s=a.lookup_timeout_s,
+        auth_token=token,
+    )
+
+
+def run(config: RankingServerConfig) -> int:
+    server = RankingServer(RankingService(config)).start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    ready = {
+        "event": "ready",
+        "address": server.address,
+        "port": server.port,
+        "http_port": server.http_port,
+        "model_version": server.service.version,
+    }
+    print(json.dumps(ready), flush=True)
+    done.wait()
+    server.stop()
+    print(json.dumps({"event": "stopped"}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="recps rank",
+        description="Run the ranking service (gRPC Predict + HTTP /predict).",
+        epilog="Example: recps rank --model /models --replicas 127.0.0.1:7101 --http-port 8080",
+    )
+    add_arguments(p)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = config_from_args(p.parse_args(argv))
+    except (E.RecpsError, OSError) as e:
+        print(f"recps rank: {e}", file=sys.stderr)
+        return 2
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
