@@ -51,7 +51,9 @@ _STATUS_EPILOG = f"""\
 Columns: ROWS(MEM) rows in the hot tiers, ROWS(DISK) rows in RocksDB (summed over tables;
 a row may be in both). RSS is the process's resident memory. HIT is the share of looked-up
 ids served from memory since the shard started. SLOTS are the hash slots the shard owns.
-ROWS/S is ids looked up + rows pushed per second, measured over --sample seconds. A shard
+ROWS/S is ids looked up + rows pushed per second, measured over --sample seconds. Below
+the table, each shard's hottest slots (ids requested since it started; rows stored): the
+skew `recps rebalance plan --by qps` evens out. A shard
 whose process is gone shows as down; one whose process lives but does not answer, as
 unreachable.
 
@@ -251,6 +253,11 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    for r in rows:
+        hot = r.get("hot_slots") or []
+        if hot:
+            cells = ", ".join(f"{h['slot']} ({h['requests']} req, {h['rows']} rows)" for h in hot)
+            text.append(f"shard {r['shard_id']} hot slots: {cells}")
     up = sum(r["state"] == "up" for r in rows)
     text.append(f"{up}/{len(rows)} shards up")
     for r in rows:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import cluster_cmds
 
     cluster_cmds.add_parsers(sub)
+    from recps.cli import rebalance_cmds
+
+    rebalance_cmds.add_parser(sub)
 
     from recps.cli import data_cmds
 

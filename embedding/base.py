@@ -260,6 +260,54 @@ class EmbeddingStore(ABC):
         """Every stored row, in batches, sorted by id, from one consistent snapshot."""
         return self._items(batch_size)
 
+    def scan(self, start_id: int | None = None, batch_size: int = 65536) -> Iterator[RowBatch]:
+        """Like :meth:`items`, from the first id ``>= start_id`` on (resumable paging)."""
+        return self._scan(start_id, batch_size)
+
+    def export_rows(self, ids: np.ndarray) -> RowBatch:
+        """Full stored rows (weights, optimizer state, ``updated_at``, ``count``) of the ids
+        that have a row, sorted by id; absent ids are skipped, nothing is created.
+
+        Example:
+            >>> import numpy as np
+            >>> from recps.embedding import MemoryStore, TableConfig
+            >>> s = MemoryStore(TableConfig("t", dim=2))
+            >>> _ = s.lookup(np.array([5]))
+            >>> s.export_rows(np.array([9, 5])).ids.tolist()
+            [5]
+        """
+        uids = np.unique(self._check_ids(ids))
+        with self._lock:
+            self._check_open()
+            return self._export(uids)
+
+    def ingest(self, batch: RowBatch) -> int:
+        """Store full rows exactly as given, replacing any row with the same id (rows
+        moving between shards keep their optimizer state and counters). Returns rows."""
+        ids = self._check_ids(batch.ids)
+        if len(np.unique(ids)) != len(ids):
+            raise ShapeError("ingest needs unique ids")
+        for name, a, width in (
+            ("weights", batch.weights, self.dim),
+            ("state", batch.state, self.state_width),
+        ):
+            if a.shape != (len(ids), width):
+                raise ShapeError(f"ingest {name} must be [{len(ids)}, {width}], got {a.shape}")
+        if batch.updated_at.shape != (len(ids),) or batch.count.shape != (len(ids),):
+            raise ShapeError("ingest updated_at and count need one entry per id")
+        with self._lock:
+            self._check_open()
+            return self._ingest(
+                RowBatch(ids, batch.weights, batch.state, batch.updated_at, batch.count)
+            )
+
+    def delete(self, ids: np.ndarray) -> int:
+        """Delete the rows of ``ids`` (absent ids are ignored); returns rows deleted."""
+        uids = np.unique(self._check_ids(ids))
+        with self._lock:
+            self._check_open()
+            return self._delete_ids(uids)
+
     def stats(self) -> StoreStats:
         with self._lock:
             return self._fill_stats(StoreStats(**{**self._stats.__dict__, "extra": {}}))
@@ -414,3 +462,26 @@ class EmbeddingStore(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
+
+    # Row-level hooks for moving rows between shards. Not abstract, so stores that never
+    # take part in a move (read-only replicas) need not implement them.
+
+    def _scan(self, start_id: int | None, batch_size: int) -> Iterator[RowBatch]:
+        for b in self._items(batch_size):
+            if start_id is not None:
+                keep = b.ids >= start_id
+                if not keep.any():
+                    continue
+                b = RowBatch(
+                    b.ids[keep], b.weights[keep], b.state[keep], b.updated_at[keep], b.count[keep]
+                )
+            yield b
+
+    def _export(self, uids: np.ndarray) -> RowBatch:
+        raise NotImplementedError(f"{type(self).__name__} cannot export rows")
+
+    def _ingest(self, batch: RowBatch) -> int:
+        raise NotImplementedError(f"{type(self).__name__} cannot ingest rows")
+
+    def _delete_ids(self, uids: np.ndarray) -> int:
+        raise NotImplementedError(f"{type(self).__name__} cannot delete rows")

@@ -194,6 +194,36 @@ class MemoryStore(EmbeddingStore):
         for i in range(0, n, batch_size):
             yield RowBatch(*(a[i : i + batch_size] for a in snap))
 
+    def _export(self, uids: np.ndarray) -> RowBatch:
+        slots = self._slots(uids)
+        found = slots >= 0
+        s = slots[found]
+        return RowBatch(
+            uids[found],
+            self._emb[s].astype(np.float32),
+            self._state[s].copy(),
+            self._updated[s].copy(),
+            self._count[s].copy(),
+        )
+
+    def _ingest(self, batch: RowBatch) -> int:
+        slots = self._slots(batch.ids)
+        miss = slots < 0
+        if miss.any():
+            slots[miss] = self._create(batch.ids[miss])
+        self._emb[slots] = batch.weights
+        self._state[slots] = batch.state
+        self._updated[slots] = batch.updated_at
+        self._count[slots] = batch.count
+        return len(slots)
+
+    def _delete_ids(self, uids: np.ndarray) -> int:
+        slots = self._slots(uids)
+        slots = slots[slots >= 0]
+        if len(slots):
+            self._delete(slots)
+        return len(slots)
+
     def _expire(self, cutoff: float) -> int:
         dead = np.flatnonzero(self._updated[: self._n] < cutoff)
         if len(dead):

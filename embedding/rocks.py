@@ -93,11 +93,17 @@ class RocksTable:
     def get_meta(self, key: bytes) -> bytes | None:
         return self.meta.get(key)
 
-    def iter_rows(self, batch_rows: int) -> Iterator[tuple[list[bytes], list[bytes]]]:
-        """Rows in key order from a snapshot taken now, ``batch_rows`` at a time."""
+    def iter_rows(
+        self, batch_rows: int, start_key: bytes | None = None
+    ) -> Iterator[tuple[list[bytes], list[bytes]]]:
+        """Rows in key order from a snapshot taken now, ``batch_rows`` at a time, from
+        the first key ``>= start_key`` on (from the start when None)."""
         snap = self.rows.snapshot()
         it = snap.iter()
-        it.seek_to_first()
+        if start_key is None:
+            it.seek_to_first()
+        else:
+            it.seek(start_key)
         keys: list[bytes] = []
         vals: list[bytes] = []
         while it.valid():

@@ -464,6 +464,100 @@ class TieredStore(EmbeddingStore):
                 count=rec["count"].copy(),
             )
 
+    def _scan(self, start_id: int | None, batch_size: int) -> Iterator[RowBatch]:
+        start = None if start_id is None else encode_keys(np.array([start_id], np.int64))[0]
+        with self._lock:
+            self._check_open()
+            self._flush()
+            batches = self._rocks.iter_rows(batch_size, start)
+            first = next(batches, None)  # the snapshot is taken here, under the lock
+        if first is None:
+            return
+        for keys, vals in _chain(first, batches):
+            rec = self.codec.unpack(vals)
+            yield RowBatch(
+                ids=decode_keys(keys),
+                weights=rec["emb"].astype(np.float32),
+                state=rec["state"].copy(),
+                updated_at=rec["updated_at"].copy(),
+                count=rec["count"].copy(),
+            )
+
+    def _export(self, uids: np.ndarray) -> RowBatch:
+        hot = self._hot
+        slots = hot.find(uids)
+        inmem = slots >= 0
+        s = slots[inmem]
+        parts = [
+            (
+                uids[inmem],
+                hot.emb[s].astype(np.float32),
+                hot.state[s].copy(),
+                hot.updated_at[s].copy(),
+                hot.count[s].copy(),
+            )
+        ]
+        rest = uids[~inmem]
+        if len(rest) and self._disk_rows > 0:
+            self._await_write_back()  # an evicted row may be in it, not yet in RocksDB
+            vals = np.array(self._rocks.multi_get(encode_keys(rest)), dtype=object)
+            found = np.not_equal(vals, None)
+            if found.any():
+                rec = self.codec.unpack(vals[found].tolist())
+                parts.append(
+                    (
+                        rest[found],
+                        rec["emb"].astype(np.float32),
+                        rec["state"].copy(),
+                        rec["updated_at"].copy(),
+                        rec["count"].copy(),
+                    )
+                )
+        ids, w, st, up, cnt = (np.concatenate(cols) for cols in zip(*parts))
+        order = np.argsort(ids, kind="stable")
+        return RowBatch(ids[order], w[order], st[order], up[order], cnt[order])
+
+    def _ingest(self, batch: RowBatch) -> int:
+        # Written straight to RocksDB (one WAL batch, durable like a sync push) and taken
+        # out of the hot tier, so no older hot copy can be written back over them later.
+        hot = self._hot
+        slots = hot.find(batch.ids)
+        if (slots >= 0).any():
+            hot.remove(slots[slots >= 0])
+        keys = encode_keys(batch.ids)
+        with self._write_lock:
+            new = 0
+            if self._disk_rows > 0:
+                new = sum(v is None for v in self._rocks.multi_get(keys))
+            else:
+                new = len(keys)
+            vals = self.codec.pack(batch.weights, batch.state, batch.updated_at, batch.count)
+            rows = self._disk_rows + new
+            self._rocks.write(keys, vals, meta={b"rows": _i64(rows)})
+            self._disk_rows = rows
+        return len(keys)
+
+    def _delete_ids(self, uids: np.ndarray) -> int:
+        hot = self._hot
+        slots = hot.find(uids)
+        inmem = slots >= 0
+        n = 0
+        on_disk = np.zeros(len(uids), dtype=bool)
+        if inmem.any():
+            s = slots[inmem]
+            on_disk[inmem] = hot.on_disk[s]
+            n += int(np.count_nonzero(~hot.on_disk[s]))  # rows only in memory
+            hot.remove(s)
+        rest = ~inmem
+        if rest.any() and self._disk_rows > 0:
+            self._await_write_back()
+            vals = np.array(self._rocks.multi_get(encode_keys(uids[rest])), dtype=object)
+            on_disk[rest] = np.not_equal(vals, None)
+        if on_disk.any():
+            self._delete_keys(encode_keys(uids[on_disk]))
+            n += int(np.count_nonzero(on_disk))
+        return n
+
     def _expire(self, cutoff: float) -> int:
         self._await_write_back()  # its rows must be in the snapshot scanned below
         hot = self._hot

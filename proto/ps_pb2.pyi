@@ -12,9 +12,26 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+
+class MigrateAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATE_ACTION_UNSPECIFIED: _ClassVar[MigrateAction]
+    BEGIN_SOURCE: _ClassVar[MigrateAction]
+    BEGIN_TARGET: _ClassVar[MigrateAction]
+    FREEZE: _ClassVar[MigrateAction]
+    PREPARE_TARGET: _ClassVar[MigrateAction]
+    FINISH: _ClassVar[MigrateAction]
+    ABORT_SOURCE: _ClassVar[MigrateAction]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
+MIGRATE_ACTION_UNSPECIFIED: MigrateAction
+BEGIN_SOURCE: MigrateAction
+BEGIN_TARGET: MigrateAction
+FREEZE: MigrateAction
+PREPARE_TARGET: MigrateAction
+FINISH: MigrateAction
+ABORT_SOURCE: MigrateAction
 
 class TableIds(_message.Message):
     __slots__ = ("table", "ids")
@@ -189,10 +206,12 @@ class ListTablesResponse(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("tables",)
+    __slots__ = ("tables", "fresh_slot_rows")
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    FRESH_SLOT_ROWS_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, tables: _Optional[_Iterable[str]] = ...) -> None: ...
+    fresh_slot_rows: bool
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., fresh_slot_rows: _Optional[bool] = ...) -> None: ...
 
 class TableStats(_message.Message):
     __slots__ = ("table", "rows_in_memory", "rows_on_disk", "hit_rate", "memory_bytes", "disk_bytes", "evictions", "admission_rejected", "expired_rows", "nonfinite_skipped", "lookups", "pushes")
@@ -223,7 +242,7 @@ class TableStats(_message.Message):
     def __init__(self, table: _Optional[str] = ..., rows_in_memory: _Optional[int] = ..., rows_on_disk: _Optional[int] = ..., hit_rate: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., admission_rejected: _Optional[int] = ..., expired_rows: _Optional[int] = ..., nonfinite_skipped: _Optional[int] = ..., lookups: _Optional[int] = ..., pushes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "epoch", "uptime_s", "rss_bytes", "tables", "slot_ids", "slot_rows", "slot_requests")
+    __slots__ = ("shard_id", "epoch", "uptime_s", "rss_bytes", "tables", "slot_ids", "slot_rows", "slot_requests", "slot_bytes", "slot_rows_age_s")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +251,8 @@ class StatsResponse(_message.Message):
     SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     SLOT_ROWS_FIELD_NUMBER: _ClassVar[int]
     SLOT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOT_ROWS_AGE_S_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     epoch: int
     uptime_s: float
@@ -240,7 +261,9 @@ class StatsResponse(_message.Message):
     slot_ids: _containers.RepeatedScalarFieldContainer[int]
     slot_rows: _containers.RepeatedScalarFieldContainer[int]
     slot_requests: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., slot_ids: _Optional[_Iterable[int]] = ..., slot_rows: _Optional[_Iterable[int]] = ..., slot_requests: _Optional[_Iterable[int]] = ...) -> None: ...
+    slot_bytes: _containers.RepeatedScalarFieldContainer[int]
+    slot_rows_age_s: float
+    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., slot_ids: _Optional[_Iterable[int]] = ..., slot_rows: _Optional[_Iterable[int]] = ..., slot_requests: _Optional[_Iterable[int]] = ..., slot_bytes: _Optional[_Iterable[int]] = ..., slot_rows_age_s: _Optional[float] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("dir", "tag", "request_id")
@@ -309,6 +332,86 @@ class ShardMap(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     slot_owner: bytes
     def __init__(self, epoch: _Optional[int] = ..., num_slots: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., slot_owner: _Optional[bytes] = ...) -> None: ...
+
+class MigrateRequest(_message.Message):
+    __slots__ = ("move_id", "action", "slots")
+    MOVE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    move_id: str
+    action: MigrateAction
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, move_id: _Optional[str] = ..., action: _Optional[_Union[MigrateAction, str]] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MigrateResponse(_message.Message):
+    __slots__ = ("rows", "epoch")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    epoch: int
+    def __init__(self, rows: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ReadSlotRowsRequest(_message.Message):
+    __slots__ = ("move_id", "table", "slots", "delta", "after_id", "has_after_id", "max_rows", "delta_round")
+    MOVE_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    HAS_AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_ROUND_FIELD_NUMBER: _ClassVar[int]
+    move_id: str
+    table: str
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    delta: bool
+    after_id: int
+    has_after_id: bool
+    max_rows: int
+    delta_round: int
+    def __init__(self, move_id: _Optional[str] = ..., table: _Optional[str] = ..., slots: _Optional[_Iterable[int]] = ..., delta: _Optional[bool] = ..., after_id: _Optional[int] = ..., has_after_id: _Optional[bool] = ..., max_rows: _Optional[int] = ..., delta_round: _Optional[int] = ...) -> None: ...
+
+class SlotRows(_message.Message):
+    __slots__ = ("table", "ids", "weights", "state", "updated_at", "count", "dim", "state_width")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    STATE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    weights: bytes
+    state: bytes
+    updated_at: bytes
+    count: bytes
+    dim: int
+    state_width: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[bytes] = ..., state: _Optional[bytes] = ..., updated_at: _Optional[bytes] = ..., count: _Optional[bytes] = ..., dim: _Optional[int] = ..., state_width: _Optional[int] = ...) -> None: ...
+
+class ReadSlotRowsResponse(_message.Message):
+    __slots__ = ("rows", "done")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    rows: SlotRows
+    done: bool
+    def __init__(self, rows: _Optional[_Union[SlotRows, _Mapping]] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class WriteSlotRowsRequest(_message.Message):
+    __slots__ = ("move_id", "rows")
+    MOVE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    move_id: str
+    rows: SlotRows
+    def __init__(self, move_id: _Optional[str] = ..., rows: _Optional[_Union[SlotRows, _Mapping]] = ...) -> None: ...
+
+class WriteSlotRowsResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class EchoRequest(_message.Message):
     __slots__ = ("payload",)

@@ -81,6 +81,21 @@ class ParameterServerStub:
                 request_serializer=recps_dot_proto_dot_ps__pb2.ShardMap.SerializeToString,
                 response_deserializer=recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/recps.ps.v1.ParameterServer/Migrate',
+                request_serializer=recps_dot_proto_dot_ps__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=recps_dot_proto_dot_ps__pb2.MigrateResponse.FromString,
+                _registered_method=True)
+        self.ReadSlotRows = channel.unary_unary(
+                '/recps.ps.v1.ParameterServer/ReadSlotRows',
+                request_serializer=recps_dot_proto_dot_ps__pb2.ReadSlotRowsRequest.SerializeToString,
+                response_deserializer=recps_dot_proto_dot_ps__pb2.ReadSlotRowsResponse.FromString,
+                _registered_method=True)
+        self.WriteSlotRows = channel.unary_unary(
+                '/recps.ps.v1.ParameterServer/WriteSlotRows',
+                request_serializer=recps_dot_proto_dot_ps__pb2.WriteSlotRowsRequest.SerializeToString,
+                response_deserializer=recps_dot_proto_dot_ps__pb2.WriteSlotRowsResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -153,6 +168,30 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Live slot moves (ops tooling, see docs/architecture.md "Shard-map authority and
+        rebalancing"): changes the move state of some slots on this shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadSlotRows(self, request, context):
+        """Full rows (weights, optimizer state, counters) of some slots of one table, a page at
+        a time: all stored rows, or only those touched since the move began (delta).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteSlotRows(self, request, context):
+        """Stores full rows on the target of a move; refused for slots this shard owns or
+        does not expect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +239,21 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.UpdateShardMap,
                     request_deserializer=recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
                     response_serializer=recps_dot_proto_dot_ps__pb2.ShardMap.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=recps_dot_proto_dot_ps__pb2.MigrateRequest.FromString,
+                    response_serializer=recps_dot_proto_dot_ps__pb2.MigrateResponse.SerializeToString,
+            ),
+            'ReadSlotRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadSlotRows,
+                    request_deserializer=recps_dot_proto_dot_ps__pb2.ReadSlotRowsRequest.FromString,
+                    response_serializer=recps_dot_proto_dot_ps__pb2.ReadSlotRowsResponse.SerializeToString,
+            ),
+            'WriteSlotRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteSlotRows,
+                    request_deserializer=recps_dot_proto_dot_ps__pb2.WriteSlotRowsRequest.FromString,
+                    response_serializer=recps_dot_proto_dot_ps__pb2.WriteSlotRowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +501,87 @@ class ParameterServer:
             '/recps.ps.v1.ParameterServer/UpdateShardMap',
             recps_dot_proto_dot_ps__pb2.ShardMap.SerializeToString,
             recps_dot_proto_dot_ps__pb2.ShardMap.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recps.ps.v1.ParameterServer/Migrate',
+            recps_dot_proto_dot_ps__pb2.MigrateRequest.SerializeToString,
+            recps_dot_proto_dot_ps__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadSlotRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recps.ps.v1.ParameterServer/ReadSlotRows',
+            recps_dot_proto_dot_ps__pb2.ReadSlotRowsRequest.SerializeToString,
+            recps_dot_proto_dot_ps__pb2.ReadSlotRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteSlotRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recps.ps.v1.ParameterServer/WriteSlotRows',
+            recps_dot_proto_dot_ps__pb2.WriteSlotRowsRequest.SerializeToString,
+            recps_dot_proto_dot_ps__pb2.WriteSlotRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

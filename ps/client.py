@@ -7,8 +7,10 @@ in the caller's order.
 
 Failures: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried with
 exponential backoff; a stale shard map (FAILED_PRECONDITION with an epoch) refreshes the
-map and re-routes only the refused part. Anything else raises the matching
-:class:`RecpsError` subclass at once.
+map and re-routes only the refused part. A write to a slot frozen for its handover
+(``SlotFrozenError``) is retried after a short pause for up to ``_FROZEN_WAIT_S``
+without using up ``max_retries``: the freeze ends with the handover. Anything else
+raises the matching :class:`RecpsError` subclass at once.
 
 Pushes are idempotent: each per-shard payload carries (client_id, seq); a retry of the
 same payload reuses its seq, so the shard applies it exactly once.
@@ -43,7 +45,8 @@ from recps.embedding.config import TableConfig
 from recps.proto import ps_pb2, ps_pb2_grpc
 from recps.ps import wire
 from recps.ps.config import ClientConfig
-from recps.ps.errors import from_rpc_error
+from recps.ps.errors import SlotFrozenError, from_rpc_error
+from recps.ps.rebalance_plan import SlotStats
 from recps.ps.routing import ShardMap
 
 _RETRY = {
@@ -54,6 +57,13 @@ _RETRY = {
 _STALE = grpc.StatusCode.FAILED_PRECONDITION
 # Control-plane calls: not DEADLINE_EXCEEDED, which may still be running on the shard.
 _CONTROL_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# A push that failed so may have been applied: it is resent as it was (see _scatter).
+_UNKNOWN_OUTCOME = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# How long a call keeps retrying writes to frozen slots (a handover takes milliseconds to
+# a second; a stalled `rebalance apply` may take until it is re-run), and the pause
+# between tries (short: the freeze is short).
+_FROZEN_WAIT_S = 120.0
+_FROZEN_PAUSE_S = 0.01
 
 
 def _as_ids(ids: Any) -> np.ndarray:
@@ -283,65 +293,98 @@ class PSClient:
         A request that goes to one shard is one blocking call: a gRPC future costs a
         channel spin thread per call (~0.4 ms of CPU at 4096 ids); several shards are
         called at once through futures.
+
+        A push whose outcome is unknown (DEADLINE_EXCEEDED, UNAVAILABLE) is retried as it
+        was sent: to the same shard, routed by the same epoch, so with the same seq, even
+        if the map changed meanwhile. That shard then answers "duplicate" if it applied
+        it, or "stale" if it did not and no longer owns the slots; only then is it
+        re-routed (with a new seq). Re-routing at once could apply it twice: once on the
+        old owner, whose rows then moved, and once on the new one.
         """
         pending: dict[str, np.ndarray | None] = dict.fromkeys(uniq)  # None: all ids
+        # (shard, parts, epoch, address) of pushes to resend as they were (see above); the
+        # address is the current map's for that shard (it may have restarted elsewhere),
+        # else the one it was sent to (a drained shard no longer in the map).
+        sticky: list[tuple[int, list[_Part], int, str]] = []
         c = self.config
         md = self._metadata()
         delay = c.backoff_initial_s
         last: E.RecpsError | None = None
-        for attempt in range(c.max_retries + 1):
-            routed = self._route(uniq, pending)
-            if not routed:
-                return
+        attempt = 0
+        frozen_until: float | None = None
+        frozen_pause = _FROZEN_PAUSE_S
+        while True:
+            routed = self._route(uniq, pending) if pending else {}
             m = self._map
-            answers: list[tuple[int, str, list[_Part], Any]] = []
-            if len(routed) == 1:
-                ((shard, parts),) = routed.items()
-                addr = m.shards[shard]
+            sends = [(sh, parts, m.epoch, "") for sh, parts in routed.items()] + sticky
+            sticky = []
+            if not sends:
+                return
+            answers: list[tuple[int, str, list[_Part], int, Any]] = []
+            if len(sends) == 1:
+                ((shard, parts, epoch, sent_to),) = sends
+                addr = m.shards.get(shard, sent_to)
                 method = getattr(self._stub(addr), call)
                 try:
-                    resp: Any = method(build(parts, m.epoch), timeout=c.timeout_s, metadata=md)
+                    resp: Any = method(build(parts, epoch), timeout=c.timeout_s, metadata=md)
                 except grpc.RpcError as e:
                     resp = e
-                answers.append((shard, addr, parts, resp))
+                answers.append((shard, addr, parts, epoch, resp))
             else:
                 calls = []
-                for shard, parts in routed.items():
-                    addr = m.shards[shard]
-                    req = build(parts, m.epoch)
+                for shard, parts, epoch, sent_to in sends:
+                    addr = m.shards.get(shard, sent_to)
+                    req = build(parts, epoch)
                     fut = getattr(self._stub(addr), call).future(
                         req, timeout=c.timeout_s, metadata=md
                     )
-                    calls.append((shard, addr, parts, fut))
-                for shard, addr, parts, fut in calls:
+                    calls.append((shard, addr, parts, epoch, fut))
+                for shard, addr, parts, epoch, fut in calls:
                     try:
-                        answers.append((shard, addr, parts, fut.result()))
+                        answers.append((shard, addr, parts, epoch, fut.result()))
                     except grpc.RpcError as e:
-                        answers.append((shard, addr, parts, e))
+                        answers.append((shard, addr, parts, epoch, e))
             stale = False
+            only_frozen = True
             failed: dict[str, list[np.ndarray | None]] = {}
-            for shard, addr, parts, resp in answers:
+            for shard, addr, parts, epoch, resp in answers:
                 if isinstance(resp, grpc.RpcError):
                     code = resp.code()
                     err = from_rpc_error(resp, f"{call} to shard {shard} at {addr}")
+                    frozen = isinstance(err, SlotFrozenError)
+                    only_frozen = only_frozen and frozen
                     if code == _STALE and isinstance(err, E.StaleShardMapError):
                         stale = True
                     elif code not in _RETRY:
                         raise err from None
                     last = err
+                    if call == "Push" and code in _UNKNOWN_OUTCOME and not frozen:
+                        sticky.append((shard, parts, epoch, addr))
+                        continue
                     for p in parts:
                         failed.setdefault(p.table, []).append(p.idx)
                     continue
                 on_result(parts, resp)
-            if not failed:
+            if not failed and not sticky:
                 return
             # A None part is a whole table and then the only part of that table.
             pending = {t: v[0] if v[0] is None else np.concatenate(v) for t, v in failed.items()}
+            if only_frozen and not sticky:
+                # A handover in progress: wait it out without spending retries. The
+                # source answers "stale" once it has the new map; then we refresh.
+                now = time.monotonic()
+                if frozen_until is None:
+                    frozen_until = now + _FROZEN_WAIT_S
+                if now < frozen_until:
+                    time.sleep(frozen_pause * (0.5 + random.random()))
+                    frozen_pause = min(frozen_pause * 1.5, 0.2)
+                    continue
             if attempt == c.max_retries:
                 break
+            attempt += 1
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, c.backoff_max_s)
-            if stale or attempt >= 1:
+            if stale or attempt >= 2:
                 self.refresh_shard_map()
         assert last is not None
         raise last
@@ -561,8 +604,31 @@ class PSClient:
         first = resp[min(resp)]
         return [wire.config_from_spec(s) for s in first.tables]
 
-    def stats(self) -> dict[int, ps_pb2.StatsResponse]:
-        return self._each_shard("Stats", ps_pb2.StatsRequest())
+    def stats(self, fresh_slot_rows: bool = False) -> dict[int, ps_pb2.StatsResponse]:
+        """Every shard's ``StatsResponse``; ``fresh_slot_rows`` makes each shard count its
+        rows per slot now (a scan) instead of reusing its last periodic count."""
+        req = ps_pb2.StatsRequest(fresh_slot_rows=fresh_slot_rows)
+        # A fresh count scans every table of the shard: give it time.
+        timeout = max(self.config.timeout_s, 600.0) if fresh_slot_rows else None
+        return self._each_shard("Stats", req, timeout=timeout)
+
+    def slot_stats(self, fresh: bool = True) -> SlotStats:
+        """Per-slot rows, bytes and requests of the whole cluster (each shard reports the
+        slots it owns), the input of :func:`recps.ps.rebalance_plan.plan_rebalance`.
+
+        Example:
+            >>> s = client.slot_stats()  # doctest: +SKIP
+            >>> int(s.rows.sum()), s.rows.shape  # doctest: +SKIP
+            (1000000, (16384,))
+        """
+        n = self._map.num_slots
+        rows, nbytes, reqs = (np.zeros(n, np.int64) for _ in range(3))
+        for r in self.stats(fresh_slot_rows=fresh).values():
+            ids = np.asarray(r.slot_ids, dtype=np.int64)
+            rows[ids] = r.slot_rows
+            nbytes[ids] = r.slot_bytes
+            reqs[ids] = r.slot_requests
+        return SlotStats(rows, nbytes, reqs)
 
     def checkpoint(self, directory: str, tag: str = "") -> dict[int, ps_pb2.CheckpointResponse]:
         """A checkpoint of every shard under ``directory/tag/shard-N``.

@@ -642,7 +642,8 @@ def cluster_status(
     weighted by ids looked up; None before the first lookup), ``slots`` (slots the shard
     owns by its own map), ``rows_per_s`` (ids looked up + rows pushed per second, from the
     delta of the per-table ``lookups`` + ``pushes`` counters between the samples, timed by
-    the shard's uptime), ``tables`` (names). A shard that is not up has None in the numbers.
+    the shard's uptime), ``tables`` (names), ``hot_slots`` (its top slots by requests since
+    start: slot, requests, rows, bytes). A shard that is not up has None in the numbers.
     """
     from recps.ps.client import PSClient
 
@@ -687,6 +688,7 @@ def cluster_status(
             "slots": None,
             "rows_per_s": None,
             "tables": [],
+            "hot_slots": [],
         }
         (r1, _), (r2, err) = first[sid], second[sid]
         if r1 is None or r2 is None:
@@ -706,6 +708,7 @@ def cluster_status(
             hit_rate=hits / looked_up if looked_up else None,
             slots=len(r2.slot_ids),
             tables=[t.table for t in r2.tables],
+            hot_slots=hot_slots(r2),
         )
         dt = r2.uptime_s - r1.uptime_s
         if r1 is not None and dt > 0:
@@ -715,3 +718,103 @@ def cluster_status(
                 row["rows_per_s"] = round((n2 - n1) / dt, 1)
         out.append(row)
     return out
+
+
+# ---- shards joining and leaving (rebalancing) -----------------------------------------------
+
+
+def add_shards(
+    cluster_file: str | Path, shard_ids: list[int], ready_timeout_s: float = 60.0
+) -> dict[int, str]:
+    """Start local shard processes for ``shard_ids`` with the cluster's settings; returns
+    their addresses. They own no slot until a rebalance moves some to them (the map is
+    the coordinator's to change); the cluster file lists them so ``down`` stops them.
+    Shards already running are left as they are."""
+    path = Path(cluster_file).resolve()
+    info = read_cluster_file(path)
+    root = Path(info["data_dir"])
+    m = ShardMap.from_dict(info["shard_map"])
+    cfg = ClusterConfig(str(root), cluster_file=str(path), ready_timeout_s=ready_timeout_s).settled(
+        info.get("settings") or {}
+    )
+    out: dict[int, str] = {}
+    with _locked(root):
+        launches = []
+        for sid in sorted(set(shard_ids)):
+            shard_dir = root / f"shard-{sid}"
+            srv = _read_json(shard_dir / "server.json")
+            if srv and is_shard_process(int(srv.get("pid", 0)), shard_dir):
+                out[sid] = str(srv["address"])
+                continue
+            launches.append(_Launch(sid, shard_dir, 0, 0 if cfg.metrics else None))
+        try:
+            for launch in launches:
+                _spawn(cfg, launch, m.num_slots)
+            _wait_ready(cfg, launches, m.num_slots)
+        except BaseException:
+            started = [x.proc.pid for x in launches if x.proc is not None and x.proc.poll() is None]
+            _stop_pids(started, cfg.stop_timeout_s)
+            raise
+        info = read_cluster_file(path)
+        entries = {int(s["shard_id"]): s for s in info["shards"]}
+        for launch in launches:
+            out[launch.shard_id] = str(launch.ready["address"])
+            entries[launch.shard_id] = {
+                "shard_id": launch.shard_id,
+                "address": out[launch.shard_id],
+                "pid": int(launch.ready["pid"]),
+                "data_dir": str(launch.shard_dir),
+                "log": str(launch.log_path),
+                "metrics_port": launch.ready.get("metrics_port"),
+            }
+        info["shards"] = [entries[k] for k in sorted(entries)]
+        info["updated_at"] = time.time()
+        _write_json_atomic(path, info)
+    return out
+
+
+def remove_shards(
+    cluster_file: str | Path, shard_ids: list[int], timeout_s: float = 30.0
+) -> dict[int, str]:
+    """Stop the processes of drained shards (refused while the map still lists them) and
+    drop them from the cluster file. Their data directories stay. Shard id -> outcome."""
+    path = Path(cluster_file).resolve()
+    info = read_cluster_file(path)
+    m = ShardMap.from_dict(info["shard_map"])
+    still = sorted(set(shard_ids) & set(m.shards))
+    if still:
+        raise E.ConfigError(f"shards {still} are still in the shard map; drain them first")
+    root = Path(info["data_dir"])
+    out: dict[int, str] = {}
+    with _locked(root):
+        for sid in shard_ids:
+            shard_dir = root / f"shard-{sid}"
+            srv = _read_json(shard_dir / "server.json") or {}
+            pid = int(srv.get("pid") or 0)
+            if is_shard_process(pid, shard_dir):
+                out[sid] = _stop_pids([pid], timeout_s)[pid]
+            else:
+                out[sid] = "was not running"
+        info = read_cluster_file(path)
+        info["shards"] = [s for s in info["shards"] if int(s["shard_id"]) not in shard_ids]
+        info["updated_at"] = time.time()
+        _write_json_atomic(path, info)
+    return out
+
+
+def hot_slots(stats: Any, top: int = 5) -> list[dict[str, int]]:
+    """The ``top`` slots of one ``StatsResponse`` by requests: slot, requests, rows, bytes."""
+    req = np.asarray(stats.slot_requests, dtype=np.int64)
+    if not len(req):
+        return []
+    order = np.argsort(-req, kind="stable")[:top]
+    return [
+        {
+            "slot": int(stats.slot_ids[i]),
+            "requests": int(req[i]),
+            "rows": int(stats.slot_rows[i]),
+            "bytes": int(stats.slot_bytes[i]) if len(stats.slot_bytes) else 0,
+        }
+        for i in order
+        if req[i] > 0
+    ]

@@ -17,6 +17,23 @@ import grpc
 
 from recps.embedding import errors as E
 
+
+class SlotFrozenError(E.ShardUnavailableError):
+    """A write hit a slot frozen for its handover to another shard. Retryable: the
+    client backs off and retries (then the new owner answers, after a map refresh)."""
+
+    def __init__(self, message: str, slots: int = 0) -> None:
+        self.slots = slots
+        super().__init__(message)
+
+
+class MigrationError(E.RecpsError):
+    """A slot-move step was refused: rows for slots the shard does not expect, a finish
+    for slots it still owns, or a plan that no longer fits the cluster."""
+
+    status = "FAILED_PRECONDITION"
+
+
 ERROR_TYPE_KEY = "recps-error"
 EPOCH_KEY = "recps-epoch"
 
@@ -49,6 +66,8 @@ _CLASSES: dict[str, type[E.RecpsError]] = {
         E.CheckpointMismatchError,
         E.PermissionDeniedError,
         E.UnauthenticatedError,
+        SlotFrozenError,
+        MigrationError,
     )
 }
 

@@ -55,11 +55,16 @@ class _StateCollector:
         sreq = GaugeMetricFamily(
             "recps_slot_requests", "Ids requested per owned slot since start", labels=["slot"]
         )
-        for slot, r, q in zip(s["slot_ids"], s["slot_rows"], s["slot_requests"]):
+        sbytes = GaugeMetricFamily("recps_slot_bytes", "Bytes per owned slot", labels=["slot"])
+        for slot, r, q, b in zip(
+            s["slot_ids"], s["slot_rows"], s["slot_requests"], s["slot_bytes"]
+        ):
             srows.add_metric([str(slot)], r)
             sreq.add_metric([str(slot)], q)
+            sbytes.add_metric([str(slot)], b)
         yield srows
         yield sreq
+        yield sbytes
 
 
 class ServerMetrics:

@@ -6,6 +6,7 @@ One process serves one shard. Its data directory holds everything needed to rest
     data_dir/shard_map.json    the routing map this shard believes in
     data_dir/dedup.json        push sequence high-water marks (saved on clean shutdown)
     data_dir/server.json       address, port and pid of the running process
+    data_dir/migration.json    slots frozen for a handover (survives a restart)
     data_dir/tables/<name>/    the table's TieredStore (RocksDB)
 
 Concurrency: gRPC's thread pool runs requests in parallel; each table has its own store
@@ -42,13 +43,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recps.embedding import errors as E
+from recps.embedding.base import RowBatch
 from recps.embedding.config import TableConfig
 from recps.embedding.tiered_store import TieredStore
 from recps.proto import ps_pb2, ps_pb2_grpc
 from recps.ps import wire
 from recps.ps.config import ServerConfig
-from recps.ps.errors import abort
+from recps.ps.errors import MigrationError, SlotFrozenError, abort
 from recps.ps.metrics import ServerMetrics, rss_bytes
+from recps.ps.migration import decode_slot_rows, encode_slot_rows
 from recps.ps.routing import ShardMap, slot_of, slots_of_tables
 
 log = logging.getLogger("recps.ps.server")
@@ -334,7 +337,25 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         self.shard_map = self._load_map()
         self._slot_requests = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_rows = np.zeros(self.shard_map.num_slots, dtype=np.int64)
+        self._slot_bytes = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_rows_at = 0.0
+        # Slot moves (see Migrate). The move gate is entered shared by every lookup and
+        # push and exclusively by a freeze, so no write that passed the frozen check is
+        # still running once FREEZE answers. It is not the checkpoint gate: a long
+        # checkpoint must not stall lookups.
+        n = self.shard_map.num_slots
+        self._move_gate = _Gate()
+        self._move_lock = threading.Lock()
+        self._tracking = np.zeros(n, dtype=bool)  # source: record touched ids (the delta)
+        self._frozen = np.zeros(n, dtype=bool)  # source: writes refused until handover
+        self._incoming = np.zeros(n, dtype=bool)  # target: WriteSlotRows accepted
+        self._moving = False  # any of the three set: the hot path checks only this
+        # Ids looked up or pushed in tracked slots, recorded after the store has them (so
+        # a delta round that takes an id reads a row that already holds its update), and
+        # the sets delta rounds took: (move_id, table, round) -> sorted unique ids.
+        self._delta: dict[str, list[np.ndarray]] = {}
+        self._delta_rounds: dict[tuple[str, str, int], np.ndarray] = {}
+        self._load_migration()
         self._slot_scan_lock = threading.Lock()
         self._owns_all: tuple[ShardMap, bool] | None = None  # (map, owns every slot)
         # Labelled metric children per table: .labels() costs a lock and a dict per call.
@@ -400,9 +421,17 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             raise E.UnknownTableError(name)
         return store
 
-    def _check_owned(self, tables: list[str], ids: list[np.ndarray], epoch: int) -> None:
-        """Refuse the request if any id of any table is in a slot this shard does not own;
-        count the ids per slot. One hash pass over all tables' ids together."""
+    def _check_owned(
+        self, tables: list[str], ids: list[np.ndarray], epoch: int, write: bool = True
+    ) -> tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray]]]:
+        """Refuse the request if any id of any table is in a slot this shard does not own
+        (or, for a ``write``, one frozen for a handover); count the ids per slot; record
+        the ids of slots being moved out. One hash pass over all tables' ids together.
+
+        Returns, per table with ids in frozen slots, the mask of those ids (a lookup must
+        not create rows there), and the ids of slots being moved out, which the caller
+        passes to ``_record`` once the store has applied the request. Call inside
+        ``self._move_gate.shared()``."""
         m = self.shard_map
         slots = slots_of_tables(tables, ids, m.num_slots)
         owns = self._owns_all
@@ -428,6 +457,46 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             np.add.at(self._slot_requests, slots, 1)
         else:
             self._slot_requests += np.bincount(slots, minlength=len(self._slot_requests))
+        if not self._moving:
+            return _NOT_MOVING
+        return self._note_moving(tables, ids, slots, write)
+
+    def _note_moving(
+        self, tables: list[str], ids: list[np.ndarray], slots: np.ndarray, write: bool
+    ) -> tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray]]]:
+        frozen = self._frozen[slots]
+        hit: dict[str, np.ndarray] = {}
+        if frozen.any():
+            if write:
+                raise SlotFrozenError(
+                    f"shard {self.config.shard_id}: {int(frozen.sum())} ids are in slots "
+                    f"frozen for a handover (e.g. slot {int(slots[np.argmax(frozen)])}); "
+                    "retry shortly",
+                    int(np.unique(slots[frozen]).size),
+                )
+            lo = 0
+            for name, i in zip(tables, ids):
+                f = frozen[lo : lo + len(i)]
+                lo += len(i)
+                if f.any():
+                    hit[name] = f
+        tracked = self._tracking[slots]
+        records = []
+        if tracked.any():
+            lo = 0
+            for name, i in zip(tables, ids):
+                m = tracked[lo : lo + len(i)]
+                lo += len(i)
+                if m.any():
+                    records.append((name, i[m].copy()))
+        return hit, records
+
+    def _record(self, records: list[tuple[str, np.ndarray]]) -> None:
+        """Remember ids of slots being moved out (the delta), after they were applied."""
+        if records:
+            with self._move_lock:
+                for name, ids in records:
+                    self._delta.setdefault(name, []).append(ids)
 
     def _count(self, counters: dict[str, Callable[[float], None]], metric: Any, table: str) -> Any:
         inc = counters.get(table)
@@ -452,13 +521,22 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         wire.wire_dtype(want, "want_dtype")
         stores = [self._store(n) for n in names]
         ids = [wire.decode_ids(t.ids, "ids", t.table) for t in tables]
-        self._check_owned(names, ids, request.shard_map_epoch)
         dtype = want or ps_pb2.FLOAT32
         create = request.create_missing
         out = []
-        for name, store, i in zip(names, stores, ids):
-            out.append((name, store.lookup(i, create_missing=create), store.dim, dtype))
-            self._count(self._rows_read, self.metrics.rows_read, name)(len(i))
+        with self._move_gate.shared():
+            frozen, records = self._check_owned(names, ids, request.shard_map_epoch, write=False)
+            for name, store, i in zip(names, stores, ids):
+                f = frozen.get(name)
+                if f is None or not create:
+                    rows = store.lookup(i, create_missing=create)
+                else:  # frozen slots are read, not written: no row is created there
+                    rows = np.empty((len(i), store.dim), np.float32)
+                    rows[f] = store.lookup(i[f], create_missing=False)
+                    rows[~f] = store.lookup(i[~f], create_missing=True)
+                out.append((name, rows, store.dim, dtype))
+                self._count(self._rows_read, self.metrics.rows_read, name)(len(i))
+            self._record(records)  # lookups create rows: they move too
         # Serialized here (see _add_servicer): the rows are copied once, into the response.
         return wire.encode_lookup_response(out)
 
@@ -498,15 +576,21 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         ok = False
         last = len(parsed) - 1
         try:
-            self._check_owned(names, [p[2] for p in parsed], request.shard_map_epoch)
-            with self._gate.shared():
-                for k, (name, store, ids, grads) in enumerate(parsed):
-                    if name in done:
-                        continue
-                    applied += store.apply_gradients(ids, grads)
-                    if client:  # the last table's durable record is finish()'s
-                        self._dedup.mark_table(client, seq, name, log=k < last)
-                    self._count(self._rows_written, self.metrics.rows_written, name)(len(ids))
+            with self._move_gate.shared(), self._gate.shared():
+                # Inside the move gate: a freeze waits for this push, or refuses it.
+                epoch = request.shard_map_epoch
+                _, records = self._check_owned(names, [p[2] for p in parsed], epoch)
+                try:
+                    for k, (name, store, ids, grads) in enumerate(parsed):
+                        if name in done:
+                            continue
+                        applied += store.apply_gradients(ids, grads)
+                        if client:  # the last table's durable record is finish()'s
+                            self._dedup.mark_table(client, seq, name, log=k < last)
+                        inc = self._count(self._rows_written, self.metrics.rows_written, name)
+                        inc(len(ids))
+                finally:
+                    self._record(records)  # even a partly applied push changed rows
                 if request.wait_durable and self.config.store.durability != "sync":
                     for _, store, _, _ in parsed:
                         store.flush()
@@ -543,6 +627,8 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
     def Stats(self, request: ps_pb2.StatsRequest, context: Any) -> ps_pb2.StatsResponse:
         names = list(request.tables) or sorted(self._tables)
         tables = [self._table_stats(n) for n in names]
+        if request.fresh_slot_rows:
+            self._refresh_slot_rows(force=True)
         snap = self.state_snapshot(tables)
         return ps_pb2.StatsResponse(
             shard_id=self.config.shard_id,
@@ -553,6 +639,8 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             slot_ids=snap["slot_ids"],
             slot_rows=snap["slot_rows"],
             slot_requests=snap["slot_requests"],
+            slot_bytes=snap["slot_bytes"],
+            slot_rows_age_s=snap["slot_rows_age_s"],
         )
 
     def _table_stats(self, name: str) -> ps_pb2.TableStats:
@@ -584,6 +672,8 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             "slot_ids": owned.tolist(),
             "slot_rows": self._slot_rows[owned].tolist(),
             "slot_requests": self._slot_requests[owned].tolist(),
+            "slot_bytes": self._slot_bytes[owned].tolist(),
+            "slot_rows_age_s": time.time() - self._slot_rows_at if self._slot_rows_at else -1.0,
         }
 
     def _refresh_slot_rows(self, force: bool = False) -> None:
@@ -593,13 +683,17 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         if not self._slot_scan_lock.acquire(blocking=force):
             return  # another scan is running; its result is fresh enough
         try:
-            counts = np.zeros(self.shard_map.num_slots, dtype=np.int64)
+            n = self.shard_map.num_slots
+            counts = np.zeros(n, dtype=np.int64)
+            nbytes = np.zeros(n, dtype=np.int64)
             for name, store in list(self._tables.items()):
+                per_table = np.zeros(n, dtype=np.int64)
                 for batch in store.items(batch_size=1 << 16):
-                    counts += np.bincount(
-                        slot_of(name, batch.ids, len(counts)), minlength=len(counts)
-                    )
+                    per_table += np.bincount(slot_of(name, batch.ids, n), minlength=n)
+                counts += per_table
+                nbytes += per_table * _row_bytes(store)
             self._slot_rows = counts
+            self._slot_bytes = nbytes
             self._slot_rows_at = time.time()
         finally:
             self._slot_scan_lock.release()
@@ -749,6 +843,236 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             new.save(self.data_dir / "shard_map.json")
             self.shard_map = new
         return new.to_proto()
+
+    # ---- slot moves ------------------------------------------------------------------------
+
+    def _load_migration(self) -> None:
+        path = self.data_dir / "migration.json"
+        if path.exists():
+            frozen = json.loads(path.read_text()).get("frozen", [])
+            self._frozen[np.asarray(frozen, dtype=np.int64)] = True
+            self._moving = bool(self._frozen.any())
+
+    def _save_migration(self) -> None:
+        """Frozen slots, atomically and durably: a source restarted between the handover
+        decision and its own map update must still refuse writes to them."""
+        path = self.data_dir / "migration.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"frozen": np.flatnonzero(self._frozen).tolist()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    def _slots_arg(self, slots: Any) -> np.ndarray:
+        a = np.asarray(slots, dtype=np.int64)
+        if not len(a):
+            raise E.InvalidArgumentError("a slot move needs at least one slot")
+        if a.min() < 0 or a.max() >= self.shard_map.num_slots:
+            raise E.InvalidArgumentError(
+                f"slots must be in [0, {self.shard_map.num_slots}), got {int(a.min())}.."
+                f"{int(a.max())}"
+            )
+        return np.unique(a)
+
+    def _slot_mask(self, slots: np.ndarray) -> np.ndarray:
+        mask = np.zeros(self.shard_map.num_slots, dtype=bool)
+        mask[slots] = True
+        return mask
+
+    def _delete_slot_rows(self, mask: np.ndarray) -> int:
+        """Delete every row of every table in the slots of ``mask``."""
+        n = 0
+        for name, store in list(self._tables.items()):
+            if not store.stats().rows:  # a new shard's tables: nothing to scan
+                continue
+            doomed = [
+                b.ids[mask[slot_of(name, b.ids, len(mask))]]
+                for b in store.items(batch_size=1 << 16)
+            ]
+            ids = np.concatenate(doomed) if doomed else np.empty(0, np.int64)
+            if len(ids):
+                n += store.delete(ids)
+        return n
+
+    def _forget_rounds(self, move_id: str) -> None:
+        with self._move_lock:
+            if not self._tracking.any():  # nothing is moving out: no delta to keep
+                self._delta = {}
+                self._delta_rounds = {}
+            else:
+                for key in [k for k in self._delta_rounds if k[0] == move_id]:
+                    del self._delta_rounds[key]
+
+    def _update_moving(self) -> None:
+        self._moving = bool(self._tracking.any() or self._frozen.any() or self._incoming.any())
+
+    @_rpc("Migrate")
+    def Migrate(self, request: ps_pb2.MigrateRequest, context: Any) -> ps_pb2.MigrateResponse:
+        slots = self._slots_arg(request.slots)
+        sid = self.config.shard_id
+        act = request.action
+        rows = 0
+        owned = self.shard_map.slot_owner[slots] == sid
+        if act == ps_pb2.BEGIN_SOURCE:
+            if not owned.all():
+                raise MigrationError(
+                    f"move {request.move_id}: shard {sid} is not the owner of "
+                    f"{int((~owned).sum())} of its slots (epoch {self.shard_map.epoch})"
+                )
+            with self._move_gate.exclusive():
+                self._tracking[slots] = True
+                was_frozen = self._frozen[slots].any()
+                self._frozen[slots] = False  # a retried move starts over: copy, then freeze
+                # Ids an earlier try recorded stay: re-sending a row is harmless.
+                self._update_moving()
+                self._forget_rounds(request.move_id)
+            if was_frozen:
+                self._save_migration()
+        elif act == ps_pb2.BEGIN_TARGET:
+            if owned.any():
+                raise MigrationError(
+                    f"move {request.move_id}: shard {sid} already owns {int(owned.sum())} "
+                    "of the slots; refusing to wipe them"
+                )
+            self._incoming[slots] = False
+            rows = self._delete_slot_rows(self._slot_mask(slots))  # an earlier try's rows
+            self._incoming[slots] = True
+            self._update_moving()
+        elif act == ps_pb2.FREEZE:
+            if not owned.all():
+                raise MigrationError(f"move {request.move_id}: shard {sid} does not own them")
+            with self._move_gate.exclusive():  # every write that passed the check is done
+                self._frozen[slots] = True
+                self._update_moving()
+                self._save_migration()
+        elif act == ps_pb2.PREPARE_TARGET:
+            for store in list(self._tables.values()):
+                store.flush()
+        elif act == ps_pb2.FINISH:
+            # Request counts restart with the slot's arrival (or departure), so a planner
+            # balancing qps sees each slot's traffic at its current owner.
+            self._slot_requests[slots] = 0
+            # Handed over by this shard (it froze them as the source): the old copy goes.
+            # Never a target's copy, even one whose new map has not arrived yet.
+            gone = slots[~owned & self._frozen[slots]]
+            if len(gone):
+                rows = self._delete_slot_rows(self._slot_mask(gone))
+            with self._move_gate.exclusive():
+                self._tracking[slots] = False
+                self._incoming[slots] = False
+                was_frozen = self._frozen[gone].any()
+                self._frozen[gone] = False
+                self._update_moving()
+                self._forget_rounds(request.move_id)
+            if was_frozen:
+                self._save_migration()
+        elif act == ps_pb2.ABORT_SOURCE:
+            if not owned.all():
+                raise MigrationError(
+                    f"move {request.move_id}: shard {sid} no longer owns the slots; it was "
+                    "handed over, so it cannot be aborted: re-run apply to finish it"
+                )
+            with self._move_gate.exclusive():
+                self._tracking[slots] = False
+                was_frozen = self._frozen[slots].any()
+                self._frozen[slots] = False
+                self._update_moving()
+                self._forget_rounds(request.move_id)
+            if was_frozen:
+                self._save_migration()
+        else:
+            raise E.InvalidArgumentError(f"unknown migrate action {act}")
+        log.info(
+            "move %s: %s on %d slots (%d rows)",
+            request.move_id,
+            ps_pb2.MigrateAction.Name(act),
+            len(slots),
+            rows,
+        )
+        return ps_pb2.MigrateResponse(rows=rows, epoch=self.shard_map.epoch)
+
+    @_rpc("ReadSlotRows")
+    def ReadSlotRows(self, request: ps_pb2.ReadSlotRowsRequest, context: Any) -> Any:
+        store = self._store(request.table)
+        mask = self._slot_mask(self._slots_arg(request.slots))
+        n = self.shard_map.num_slots
+        limit = request.max_rows or 65536
+        after = request.after_id if request.has_after_id else None
+        name = request.table
+        if request.delta:
+            key = (request.move_id, name, int(request.delta_round))
+            with self._move_lock:
+                ids = self._delta_rounds.get(key)
+                if ids is None:  # the round's first page: take what was recorded so far
+                    parts = self._delta.pop(name, [])
+                    rec = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+                    mine = mask[slot_of(name, rec, n)]
+                    if not mine.all():  # ids of other moves' slots stay recorded
+                        self._delta[name] = [rec[~mine]]
+                    ids = self._delta_rounds[key] = rec[mine]
+            if after is not None:
+                ids = ids[ids > after]
+            done = len(ids) <= limit
+            batch = store.export_rows(ids[:limit])
+        else:
+            start = None if after is None else after + 1
+            got = []
+            have = 0
+            done = True
+            for b in store.scan(start, batch_size=min(limit, 1 << 16)):
+                keep = mask[slot_of(name, b.ids, n)]
+                if keep.any():
+                    got.append(
+                        tuple(a[keep] for a in (b.ids, b.weights, b.state, b.updated_at, b.count))
+                    )
+                    have += int(keep.sum())
+                if have >= limit:
+                    done = False
+                    break
+            if got:
+                cols = [np.concatenate(c) for c in zip(*got)]
+                cols = [c[:limit] for c in cols]
+            else:
+                cols = [
+                    np.empty(0, np.int64),
+                    np.empty((0, store.dim), np.float32),
+                    np.empty((0, store.state_width), np.float32),
+                    np.empty(0, np.float64),
+                    np.empty(0, np.int64),
+                ]
+            batch = RowBatch(*cols)
+        return ps_pb2.ReadSlotRowsResponse(rows=encode_slot_rows(name, batch), done=done)
+
+    @_rpc("WriteSlotRows")
+    def WriteSlotRows(self, request: ps_pb2.WriteSlotRowsRequest, context: Any) -> Any:
+        table = request.rows.table
+        store = self._store(table)
+        batch = decode_slot_rows(request.rows, store.dim, store.state_width)
+        if len(batch):
+            slots = slot_of(table, batch.ids, self.shard_map.num_slots)
+            # Never over live data: a late write (a stale apply) after the handover is refused.
+            bad = ~self._incoming[slots] | (
+                self.shard_map.slot_owner[slots] == self.config.shard_id
+            )
+            if bad.any():
+                raise MigrationError(
+                    f"move {request.move_id}: shard {self.config.shard_id} expects no rows "
+                    f"for slot {int(slots[np.argmax(bad)])}; run BEGIN_TARGET first"
+                )
+            store.ingest(batch)
+        return ps_pb2.WriteSlotRowsResponse(rows=len(batch))
+
+
+_NOT_MOVING: tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray]]] = ({}, [])
+
+
+def _row_bytes(store: Any) -> int:
+    """Stored bytes of one row: the 8-byte key plus the fixed-size value."""
+    codec = getattr(store, "codec", None)
+    if codec is not None:
+        return 8 + int(codec.record_bytes)
+    return 8 + store.dim * np.dtype(store.config.dtype).itemsize + 4 * store.state_width + 16
 
 
 def _serialize(message: Any) -> bytes:

@@ -180,7 +180,13 @@ class RankingService:
         if candidates and columns:
             raise E.InvalidArgumentError("give candidates row-wise or column-wise, not both")
         if columns:
-            n = len(next(iter(columns.values())))
+            sizes = {name: len(col) for name, col in columns.items()}
+            if len(set(sizes.values())) > 1:
+                raise E.InvalidArgumentError(
+                    "columns disagree on the number of candidates: "
+                    + ", ".join(f"{k} has {v}" for k, v in sorted(sizes.items()))
+                )
+            n = next(iter(sizes.values()))
             dense, ids = ranker.featurize_columns(context, columns, n)
         else:
             n = len(candidates or ())
@@ -258,6 +264,10 @@ class _RankingServicer(ranking_pb2_grpc.RankingServicer):
             s.errors.labels(code_of(e).name).inc()
             abort(context, e)
             raise  # unreachable: abort raises
+        except Exception as e:  # a bug, not bad input: INTERNAL, logged, still serving
+            log.exception("Predict failed")
+            s.errors.labels("INTERNAL").inc()
+            context.abort(grpc.StatusCode.INTERNAL, f"Predict failed: {type(e).__name__}: {e}")
         s.latency.labels("grpc").observe(time.perf_counter() - t0)
         return ranking_pb2.PredictResponse(
             scores=p.scores.tolist(),
@@ -362,6 +372,11 @@ def _http_handler(service: RankingService) -> type[BaseHTTPRequestHandler]:
             except E.RecpsError as e:
                 service.errors.labels(e.status).inc()
                 self._json(_HTTP_STATUS.get(e.status, 500), {"error": str(e), "status": e.status})
+                return
+            except Exception as e:  # a bug, not bad input: 500, logged, still serving
+                log.exception("HTTP predict failed")
+                service.errors.labels("INTERNAL").inc()
+                self._json(500, {"error": f"{type(e).__name__}: {e}", "status": "INTERNAL"})
                 return
             service.latency.labels("http").observe(time.perf_counter() - t0)
             self._json(

@@ -28,6 +28,7 @@ from serving_harness import ServiceProcess
 
 from recps.proto import ranking_pb2, ranking_pb2_grpc
 from recps.ps.client import PSClient
+from recps.serving.client import ServingClient
 from recps.serving.export import ExportConfig, export_checkpoint
 from recps.worker.checkpoint import DENSE_FILE, latest_checkpoint, load_dense
 from recps.worker.data import DataReader
@@ -140,13 +141,31 @@ def served(ps_module_group: ShardGroup, tmp_path_factory: pytest.TempPathFactory
         ).start()
         for i in range(2)
     ]
+    # Two more replicas that each hold one serving shard: a client must route per shard.
+    replicas += [
+        ServiceProcess(
+            "recps.serving.main",
+            [
+                "--model",
+                str(tmp / "models"),
+                "--data-dir",
+                str(tmp / f"p{i}"),
+                "--port",
+                "0",
+                "--shards",
+                str(i),
+            ],
+            tmp / f"p{i}.log",
+        ).start()
+        for i in range(2)
+    ]
     ranking = ServiceProcess(
         "recps.serving.ranking_server",
         [
             "--model",
             str(tmp / "models"),
             "--replicas",
-            ",".join(r.address for r in replicas),
+            ",".join(r.address for r in replicas[:2]),
             "--port",
             "0",
             "--http-port",
@@ -199,6 +218,23 @@ def _http(s: Served, path: str, body: Any = None, raw: bytes | None = None) -> t
         return e.code, json.loads(e.read().decode())
 
 
+def test_partial_replicas_answer_like_a_full_one_and_like_training(served: Served) -> None:
+    rng = np.random.default_rng(0)
+    batch = {t: rng.integers(-(2**62), 2**62, 50) for t in SPARSE}
+    full = ServingClient([served.replicas[0].address])
+    partial = ServingClient([r.address for r in served.replicas[2:]])
+    try:
+        assert [r["shards"] for r in partial.stats()] == [[0], [1]]
+        a, b = full.lookup(batch), partial.lookup(batch)
+        want = served.client.lookup(batch, create_missing=False)  # the training shards
+        for t in SPARSE:
+            np.testing.assert_array_equal(a[t], b[t])
+            np.testing.assert_array_equal(a[t], want[t])
+    finally:
+        full.close()
+        partial.close()
+
+
 def test_grpc_scores_equal_the_training_model_on_raw_rows(served: Served) -> None:
     resp = _stub(served).Predict(_request(served.rows), timeout=60)
     assert resp.request_id == "t-1" and len(resp.scores) == N
@@ -228,7 +264,7 @@ def test_column_form_requests_score_the_same(served: Served) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _stub(served).Predict(bad, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "3 values, 2 candidates" in (err.value.details() or "")
+    assert "C1 has 2, C2 has 3" in (err.value.details() or "")
 
 
 def test_context_features_fill_what_candidates_leave_out(served: Served) -> None:

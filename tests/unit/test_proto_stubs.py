@@ -1,4 +1,5 @@
-"""The committed gRPC stubs of proto/ps.proto: fresh, importable as recps.proto, wire-sane."""
+"""The committed gRPC stubs of proto/ps.proto and proto/serving.proto: fresh, importable as
+recps.proto, wire-sane."""
 
 from __future__ import annotations
 
@@ -10,12 +11,33 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
 
-from recps.proto import gen, ps_pb2, ps_pb2_grpc
+from recps.proto import (
+    gen,
+    ps_pb2,
+    ps_pb2_grpc,
+    ranking_pb2,
+    ranking_pb2_grpc,
+    serving_pb2,
+    serving_pb2_grpc,
+)
+
+# Repeated floats that are not bulk data: one value per candidate of a ranking request
+# (~100), packed on the wire anyway.
+# One score per candidate, and raw dense feature values of one request's candidates (a
+# packed column of at most a few thousand numbers): not embedding rows.
+_SMALL_FLOAT_LISTS = {"ranking": ("PredictResponse.scores", "Column.float_values")}
+
+# proto file stem -> (messages module, gRPC module, proto package)
+_MODULES = {
+    "ps": (ps_pb2, ps_pb2_grpc, "recps.ps.v1"),
+    "serving": (serving_pb2, serving_pb2_grpc, "recps.serving.v1"),
+    "ranking": (ranking_pb2, ranking_pb2_grpc, "recps.serving.v1"),
+}
 
 
-def _descriptor_proto(message_name: str) -> descriptor_pb2.DescriptorProto:
+def _descriptor_proto(message_name: str, pb2=ps_pb2) -> descriptor_pb2.DescriptorProto:
     out = descriptor_pb2.DescriptorProto()
-    ps_pb2.DESCRIPTOR.message_types_by_name[message_name].CopyToProto(out)
+    pb2.DESCRIPTOR.message_types_by_name[message_name].CopyToProto(out)
     return out
 
 
@@ -24,10 +46,18 @@ def test_committed_stubs_are_not_stale():
     assert stale == [], f"stale stubs {stale}: run `python proto/gen.py`"
 
 
-def test_gen_writes_the_three_stubs(tmp_path):
+def test_gen_writes_three_stubs_per_proto(tmp_path):
     written = gen.generate(tmp_path)
-    assert sorted(p.name for p in written) == ["ps_pb2.py", "ps_pb2.pyi", "ps_pb2_grpc.py"]
+    assert sorted(p.name for p in written) == sorted(
+        f"{stem}{suffix}" for stem in _MODULES for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+    )
     assert all(p.parent == tmp_path and p.stat().st_size > 0 for p in written)
+
+
+def test_every_proto_in_the_folder_is_generated_and_tested():
+    on_disk = sorted(p.name for p in gen.PROTO_DIR.glob("*.proto"))
+    assert sorted(gen.PROTO_FILES) == on_disk, "add the new .proto to gen.PROTO_FILES"
+    assert sorted(f"{stem}.proto" for stem in _MODULES) == on_disk, "and to _MODULES here"
 
 
 def test_lookup_request_round_trip():
@@ -47,12 +77,14 @@ def test_lookup_request_round_trip():
     np.testing.assert_array_equal(np.frombuffer(back.tables[0].ids, dtype="<i8"), ids)
 
 
-def test_grpc_module_imports_package_qualified_pb2():
-    source = inspect.getsource(ps_pb2_grpc)
-    assert "from recps.proto import ps_pb2" in source
-    assert "\nimport ps_pb2" not in source
-    assert ps_pb2.DESCRIPTOR.name == "recps/proto/ps.proto"
-    assert ps_pb2.DESCRIPTOR.package == "recps.ps.v1"
+@pytest.mark.parametrize("name", sorted(_MODULES))
+def test_grpc_module_imports_package_qualified_pb2(name):
+    pb2, pb2_grpc, package = _MODULES[name]
+    source = inspect.getsource(pb2_grpc)
+    assert f"from recps.proto import {name}_pb2" in source
+    assert f"\nimport {name}_pb2" not in source
+    assert pb2.DESCRIPTOR.name == f"recps/proto/{name}.proto"
+    assert pb2.DESCRIPTOR.package == package
 
 
 def test_retired_push_field_is_reserved():
@@ -63,13 +95,18 @@ def test_retired_push_field_is_reserved():
     assert not any(r.start <= n < r.end for r in push.reserved_range for n in live_numbers)
 
 
-def test_bulk_data_is_bytes_never_repeated_float():
+@pytest.mark.parametrize("name", sorted(_MODULES))
+def test_bulk_data_is_bytes_never_repeated_float(name):
+    pb2 = _MODULES[name][0]
     float_types = {descriptor_pb2.FieldDescriptorProto.TYPE_FLOAT}
     float_types.add(descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE)
-    for name in ps_pb2.DESCRIPTOR.message_types_by_name:
-        for field in _descriptor_proto(name).field:
+    for msg in pb2.DESCRIPTOR.message_types_by_name:
+        for field in _descriptor_proto(msg, pb2).field:
             repeated = field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
-            assert not (repeated and field.type in float_types), f"{name}.{field.name}"
+            where = f"{msg}.{field.name}"
+            if where in _SMALL_FLOAT_LISTS.get(name, ()):
+                continue
+            assert not (repeated and field.type in float_types), where
 
 
 def test_services_and_rpcs():
@@ -84,6 +121,9 @@ def test_services_and_rpcs():
         "Restore",
         "GetShardMap",
         "UpdateShardMap",
+        "Migrate",
+        "ReadSlotRows",
+        "WriteSlotRows",
     }
     for m in ps.methods:
         if m.name == "UpdateShardMap":  # the map is the resource: it goes in and comes back
@@ -94,6 +134,23 @@ def test_services_and_rpcs():
         assert m.output_type.name == want, m.name
     assert ps.full_name == "recps.ps.v1.ParameterServer"
     assert set(ps_pb2.DESCRIPTOR.services_by_name["Echo"].methods_by_name) == {"Echo"}
+
+
+def test_serving_admin_service():
+    admin = serving_pb2.DESCRIPTOR.services_by_name["ServingAdmin"]
+    assert admin.full_name == "recps.serving.v1.ServingAdmin"
+    assert set(admin.methods_by_name) == {"LoadVersion", "Rollback", "Status"}
+    for m in admin.methods:
+        assert m.input_type.name == f"{m.name}Request", m.name
+        assert m.output_type.name == f"{m.name}Response", m.name
+
+
+def test_load_version_distinguishes_latest_from_version_zero():
+    latest = serving_pb2.LoadVersionRequest()
+    zero = serving_pb2.LoadVersionRequest(version=0)
+    assert not latest.HasField("version")
+    back = serving_pb2.LoadVersionRequest.FromString(zero.SerializeToString())
+    assert back.HasField("version") and back.version == 0
 
 
 class _Echo(ps_pb2_grpc.EchoServicer):
