@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -159,28 +158,6 @@ def request_ids(req: tuple[dict[str, Any], list[dict[str, Any]]]) -> dict[str, n
 # ---- processes -----------------------------------------------------------------------------
 
 
-def start(module: str, args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], dict]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=open(log_path, "w"),  # noqa: SIM115 - lives as long as the process
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "ready":
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, event
-        if event.get("event") == "failed":
-            break
-    proc.kill()
-    raise RuntimeError(f"{module} did not start:\n{log_path.read_text()[-2000:]}")
-
-
 # ---- measuring -----------------------------------------------------------------------------
 
 
@@ -230,11 +207,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=None, help="per measurement")
     a = p.parse_args()
     vocab = a.vocab or (5_000 if a.quick else 100_000)
-    seconds = a.seconds or (3.0 if a.quick else 15.0)
+    seconds = a.seconds or (2.0 if a.quick else 15.0)
     t_start = time.perf_counter()
 
     from recps.proto import ranking_pb2, ranking_pb2_grpc
     from recps.serving.client import ServingClient
+    from recps.serving.process import start_service, stop_service
     from recps.serving.replica import ReplicaConfig, ServingAdminClient, ServingReplica
 
     with tempfile.TemporaryDirectory(prefix="recps-serving-bench-") as tmp_s:
@@ -259,7 +237,7 @@ def main() -> None:
         local.close()
         log(f"in-process lookup p99 {inproc['p99_ms']:.2f} ms")
 
-        replica, ready = start(
+        replica, ready = start_service(
             "recps.serving.main",
             [
                 "--model",
@@ -285,7 +263,7 @@ def main() -> None:
                 f"{lookup['qps']:.0f} qps"
             )
 
-            ranking, rready = start(
+            ranking, rready = start_service(
                 "recps.serving.ranking_server",
                 [
                     "--model",
@@ -338,9 +316,8 @@ def main() -> None:
             log(f"swap: {during['errors']} failed of {during['requests']}, versions {versions}")
             client.close()
         finally:
-            if ranking is not None:
-                ranking.kill()
-            replica.kill()
+            stop_service(ranking, timeout_s=5)
+            stop_service(replica, timeout_s=5)
 
     out = {
         "lookup_p50_ms": round(lookup["p50_ms"], 3),

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -43,34 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _start(module: str, args: list[str], log_path: Path) -> tuple[subprocess.Popen[str], dict]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=open(log_path, "w"),  # noqa: SIM115 - lives as long as the process
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "ready":
-            # Keep reading: a child blocked on a full stdout pipe would stall.
-            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-            return proc, event
-        break
-    proc.kill()
-    raise RuntimeError(f"{module} did not start; its log:\n{log_path.read_text()[-2000:]}")
-
-
-def _drain(stream: Any) -> None:
-    for _ in stream:
-        pass
-
-
 def _post(port: int, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/predict",
@@ -87,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from recps.embedding.errors import RecpsError
     from recps.serving.export import ExportConfig, export_checkpoint
+    from recps.serving.process import start_service, stop_service
     from recps.worker.job_config import load_job_config
     from recps.worker.trainer import data_paths
 
@@ -122,12 +93,12 @@ def run(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     replica = ranking = None
     try:
-        replica, r = _start(
+        replica, r = start_service(
             "recps.serving.main",
             ["--model", str(models), "--data-dir", str(data_dir / "replica-0"), "--port", "0"],
             logs / "replica-0.log",
         )
-        ranking, k = _start(
+        ranking, k = start_service(
             "recps.serving.ranking_server",
             [
                 "--model",
@@ -159,26 +130,22 @@ def run(args: argparse.Namespace) -> int:
             shown = ", ".join(f"item {i} ({scores[i]:.3f})" for i in top)
             print(f"  user {u}: top 5 of {CANDIDATES}: {shown}")
         context = {c: cols[c][0] for c in (*dense, *user_cols)}
+        latencies.clear()  # the users' requests above warmed caches and threads
         for _ in range(TIMING_REQUESTS):
             t1 = time.perf_counter()
             resp = _post(k["http_port"], {"context": context, "candidates": items})
             latencies.append((time.perf_counter() - t1) * 1e3)
         lat = np.asarray(latencies)
         print(
-            f"  request latency over {len(lat)} requests of 1 user x {CANDIDATES} candidates "
+            f"  warm request latency, {len(lat)} requests of 1 user x {CANDIDATES} candidates "
             f"({len(inputs) * CANDIDATES:,} ids): p50 {np.percentile(lat, 50):.1f} ms, "
             f"p99 {np.percentile(lat, 99):.1f} ms (last: lookup {resp['lookup_ms']:.1f} ms, "
             f"tower {resp['tower_ms']:.1f} ms)"
         )
-    except (RuntimeError, OSError) as e:
+    except (RecpsError, OSError) as e:
         print(f"recps demo serve: {e}", file=sys.stderr)
         return 1
     finally:
-        for proc in (ranking, replica):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_service(ranking)
+        stop_service(replica)
     return 0

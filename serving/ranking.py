@@ -108,6 +108,16 @@ class Ranker:
         self._torch = torch
         self.tower = torch.jit.load(str(vdir / TOWER_FILE), map_location=self.device)
         self.tower.eval()
+        # TorchScript profiles its first runs and optimizes after: pay that at load time,
+        # not on the first requests.
+        with torch.inference_mode():
+            d = torch.zeros(64, len(self.manifest.dense_features), device=self.device)
+            p = [
+                torch.zeros(64, self.manifest.tables[f.table].dim, device=self.device)
+                for f in self.manifest.features
+            ]
+            for _ in range(3):
+                self.tower(d, p)
         self.version = self.manifest.version
         self._dims = {name: t.dim for name, t in self.manifest.tables.items()}
         # Features grouped by table, for the one-sort dedup of pooled().
