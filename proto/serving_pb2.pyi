@@ -83,7 +83,7 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., loaded_at: _Optional[float] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("current", "previous", "model_root", "shards", "pinned_version", "watch_interval_s", "latest_available", "uptime_s", "address")
+    __slots__ = ("current", "previous", "model_root", "shards", "pinned_version", "watch_interval_s", "latest_available", "uptime_s", "address", "delta_dir", "deltas", "deltas_applied")
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ROOT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,9 @@ class StatusResponse(_message.Message):
     LATEST_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_DIR_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     current: VersionInfo
     previous: VersionInfo
     model_root: str
@@ -102,4 +105,23 @@ class StatusResponse(_message.Message):
     latest_available: int
     uptime_s: float
     address: str
-    def __init__(self, current: _Optional[_Union[VersionInfo, _Mapping]] = ..., previous: _Optional[_Union[VersionInfo, _Mapping]] = ..., model_root: _Optional[str] = ..., shards: _Optional[_Iterable[int]] = ..., pinned_version: _Optional[int] = ..., watch_interval_s: _Optional[float] = ..., latest_available: _Optional[int] = ..., uptime_s: _Optional[float] = ..., address: _Optional[str] = ...) -> None: ...
+    delta_dir: str
+    deltas: _containers.RepeatedCompositeFieldContainer[DeltaShardStatus]
+    deltas_applied: int
+    def __init__(self, current: _Optional[_Union[VersionInfo, _Mapping]] = ..., previous: _Optional[_Union[VersionInfo, _Mapping]] = ..., model_root: _Optional[str] = ..., shards: _Optional[_Iterable[int]] = ..., pinned_version: _Optional[int] = ..., watch_interval_s: _Optional[float] = ..., latest_available: _Optional[int] = ..., uptime_s: _Optional[float] = ..., address: _Optional[str] = ..., delta_dir: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[DeltaShardStatus, _Mapping]]] = ..., deltas_applied: _Optional[int] = ...) -> None: ...
+
+class DeltaShardStatus(_message.Message):
+    __slots__ = ("training_shard", "applied_seq", "latest_seq", "lag_s", "applied_at", "error")
+    TRAINING_SHARD_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LATEST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAG_S_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    training_shard: int
+    applied_seq: int
+    latest_seq: int
+    lag_s: float
+    applied_at: float
+    error: str
+    def __init__(self, training_shard: _Optional[int] = ..., applied_seq: _Optional[int] = ..., latest_seq: _Optional[int] = ..., lag_s: _Optional[float] = ..., applied_at: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...

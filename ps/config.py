@@ -68,6 +68,14 @@ class ServerConfig:
     # until its dynamic threshold happens to rise: page faults on every request, which
     # doubled the CPU of a fresh shard's Lookup in benchmarks/ps.py.
     pin_malloc_thresholds: bool = True
+    # Online delta stream (recps.ps.delta): every delta_interval_s the rows pushed since
+    # the last delta go to <delta_dir>/shard-<id>/<seq>/ for serving replicas. None: off.
+    delta_dir: str | None = None
+    delta_interval_s: float = 10.0  # serving lags training by about this much plus polling
+    delta_keep: int = 1000  # complete deltas kept per shard; 0 = keep every delta
+    # Serving shards a delta is split into; None = the shards of this shard's map (the
+    # export's default). A replica whose model has another split ingests every file.
+    delta_serving_shards: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard_id < 0xFFFF:
@@ -80,6 +88,10 @@ class ServerConfig:
             raise ConfigError("max_concurrent_rpcs and max_workers must be >= 1")
         if self.tls is not None and not (self.tls.cert_file and self.tls.key_file):
             raise ConfigError("server TLS needs cert_file and key_file")
+        if self.delta_interval_s <= 0 or self.delta_keep < 0:
+            raise ConfigError("delta_interval_s must be > 0 and delta_keep >= 0")
+        if self.delta_serving_shards is not None and self.delta_serving_shards < 1:
+            raise ConfigError("delta_serving_shards must be >= 1 (or None)")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certs (mTLS)")
     p.add_argument(
+        "--delta-dir", default=None, help="publish changed rows here for serving replicas"
+    )
+    p.add_argument("--delta-interval-s", type=float, default=10.0, help="seconds per delta")
+    p.add_argument("--delta-keep", type=int, default=1000, help="deltas kept; 0 = all")
+    p.add_argument(
+        "--delta-serving-shards",
+        type=int,
+        default=None,
+        help="serving shards a delta is split into (default: the training shards)",
+    )
+    p.add_argument(
         "--glibc-malloc-defaults",
         action="store_true",
         help="do not pin glibc's malloc mmap/trim thresholds at start-up",
@@ -74,6 +85,10 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         auth_token=token,
         metrics_port=a.metrics_port,
         pin_malloc_thresholds=not a.glibc_malloc_defaults,
+        delta_dir=a.delta_dir,
+        delta_interval_s=a.delta_interval_s,
+        delta_keep=a.delta_keep,
+        delta_serving_shards=a.delta_serving_shards,
     )
 
 

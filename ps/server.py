@@ -8,6 +8,7 @@ One process serves one shard. Its data directory holds everything needed to rest
     data_dir/server.json       address, port and pid of the running process
     data_dir/migration.json    slots frozen for a handover (survives a restart)
     data_dir/tables/<name>/    the table's TieredStore (RocksDB)
+    data_dir/delta_state.json  last published delta seq (with ``delta_dir`` set)
 
 Concurrency: gRPC's thread pool runs requests in parallel; each table has its own store
 lock, so there is no global lock. A shard-wide reader/writer gate lets pushes run
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import json
@@ -49,6 +51,8 @@ from recps.embedding.tiered_store import TieredStore
 from recps.proto import ps_pb2, ps_pb2_grpc
 from recps.ps import wire
 from recps.ps.config import ServerConfig
+from recps.ps.delta import STATE_FILE as DELTA_STATE_FILE
+from recps.ps.delta import DeltaPublisher
 from recps.ps.errors import MigrationError, SlotFrozenError, abort
 from recps.ps.metrics import ServerMetrics, rss_bytes
 from recps.ps.migration import decode_slot_rows, encode_slot_rows
@@ -362,6 +366,23 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         self._rows_read: dict[str, Callable[[float], None]] = {}
         self._rows_written: dict[str, Callable[[float], None]] = {}
         self._open_tables()
+        # The online delta stream (recps.ps.delta): ids pushed since the last delta.
+        self.delta: DeltaPublisher | None = None
+        self._delta_stop = threading.Event()
+        self._delta_thread: threading.Thread | None = None
+        if config.delta_dir:
+            self.delta = DeltaPublisher(
+                config.delta_dir,
+                config.shard_id,
+                self.data_dir / DELTA_STATE_FILE,
+                self.shard_map.num_slots,
+                self._delta_rows,
+                lambda: config.delta_serving_shards or len(self.shard_map.shards),
+                config.delta_keep,
+            )
+            marked = self.delta.recover(dict(self._tables))
+            if marked:
+                log.info("delta stream: %d rows changed since delta %d", marked, self.delta.seq)
         dedup = self.data_dir / "dedup.json"
         if dedup.exists():
             self._dedup.load(json.loads(dedup.read_text()))
@@ -406,7 +427,43 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         """Snapshot the dedup marks to dedup.json (and empty the dedup log)."""
         self._dedup.snapshot()
 
+    # ---- the delta stream ---------------------------------------------------------------
+
+    def _delta_rows(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        store = self._tables.get(table)
+        if store is None:  # dropped by a Restore since: nothing to publish
+            return np.empty(0, np.int64), np.empty((0, 1), np.float32)
+        batch = store.export_rows(ids)
+        return batch.ids, batch.weights
+
+    def start_delta(self) -> None:
+        """Start publishing a delta every ``delta_interval_s`` (no-op without delta_dir)."""
+        if self.delta is None or self._delta_thread is not None:
+            return
+        self._delta_thread = threading.Thread(
+            target=self._delta_loop, name="recps-ps-delta", daemon=True
+        )
+        self._delta_thread.start()
+
+    def _delta_loop(self) -> None:
+        assert self.delta is not None
+        while not self._delta_stop.wait(self.config.delta_interval_s):
+            try:
+                self.delta.publish()
+            except Exception:
+                log.exception(
+                    "publishing delta %d failed; retrying next interval", self.delta.seq + 1
+                )
+
     def close(self) -> None:
+        self._delta_stop.set()
+        if self._delta_thread is not None:
+            self._delta_thread.join(timeout=60)
+        if self.delta is not None:
+            try:  # the last changes, so a clean stop loses nothing
+                self.delta.publish()
+            except Exception:
+                log.exception("publishing the final delta failed")
         with self._tables_lock:
             for store in self._tables.values():
                 store.close()
@@ -585,6 +642,8 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                         if name in done:
                             continue
                         applied += store.apply_gradients(ids, grads)
+                        if self.delta is not None:
+                            self.delta.changed.add(name, ids)
                         if client:  # the last table's durable record is finish()'s
                             self._dedup.mark_table(client, seq, name, log=k < last)
                         inc = self._count(self._rows_written, self.metrics.rows_written, name)
@@ -713,11 +772,14 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             raise E.CheckpointError(f"checkpoint {root} already exists")
         t0 = time.perf_counter()
         rows = 0
-        with self._gate.exclusive():  # one instant for every table of this shard
+        # The delta lock first: no publish is half done, so every push before this
+        # instant is in a delta <= delta_seq or in the pending set (published later).
+        with self._delta_lock(), self._gate.exclusive():  # one instant for every table
             for name, store in sorted(self._tables.items()):
                 store.checkpoint(root / "tables" / name)
                 rows += store.stats().rows_on_disk
             self.save_dedup()
+            delta_seq = self.delta.seq if self.delta is not None else None
         manifest = {
             "shard_id": self.config.shard_id,
             "shard_map": self.shard_map.to_dict(),
@@ -727,6 +789,10 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             "created_at": time.time(),
             "request_id": request.request_id,
         }
+        if delta_seq is not None:
+            # Serving: a model exported from this checkpoint applies deltas > delta_seq.
+            manifest["delta_seq"] = delta_seq
+            manifest["delta_dir"] = str(Path(self.config.delta_dir or "").resolve())
         # Written last, atomically: a manifest means every table of the shard is there.
         tmp = root / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -737,6 +803,9 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             tables=sorted(self._tables),
             seconds=time.perf_counter() - t0,
         )
+
+    def _delta_lock(self) -> Any:
+        return self.delta.lock if self.delta is not None else contextlib.nullcontext()
 
     @staticmethod
     def _replayed_checkpoint(root: Path, request_id: str) -> ps_pb2.CheckpointResponse | None:
@@ -785,7 +854,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         t0 = time.perf_counter()
         rows = 0
         # Exclusive: no push lands half-before, half-after the rollback.
-        with self._gate.exclusive(), self._tables_lock:
+        with self._delta_lock(), self._gate.exclusive(), self._tables_lock:
             for cfg in configs:  # every table first checked, so a bad one changes nothing
                 if not (root / "tables" / cfg.name / "manifest.json").exists():
                     raise E.CheckpointError(f"{root} lacks table {cfg.name!r}")
@@ -813,6 +882,11 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             self._save_tables()
             self._dedup.replace(manifest.get("dedup", {}))
             self.save_dedup()
+            if self.delta is not None and not request.dry_run:
+                # Every restored row may differ from what replicas hold: publish them all.
+                for cfg in configs:
+                    for batch in self._tables[cfg.name].items(batch_size=1 << 16):
+                        self.delta.changed.add(cfg.name, batch.ids)
         return ps_pb2.RestoreResponse(
             path=str(root),
             rows=rows,
@@ -1061,6 +1135,10 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     f"for slot {int(slots[np.argmax(bad)])}; run BEGIN_TARGET first"
                 )
             store.ingest(batch)
+            if self.delta is not None:
+                # Moved-in rows may carry pushes the source never published (between its
+                # last delta and the freeze): publish them from here.
+                self.delta.changed.add(table, batch.ids)
         return ps_pb2.WriteSlotRowsResponse(rows=len(batch))
 
 
@@ -1163,6 +1241,7 @@ class PSServer:
 
     def start(self) -> PSServer:
         self.grpc_server.start()
+        self.servicer.start_delta()
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.host, self.config.metrics_port)
         for name in ("", SERVICE):

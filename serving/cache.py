@@ -191,6 +191,34 @@ class RowCache:
             else:
                 self._rows[0] += k
 
+    def invalidate(self, ids: np.ndarray, table: int = 0) -> int:
+        """Drop the cached rows of ``ids`` (unique) of table index ``table`` (their stored
+        rows changed: an applied delta). Returns the rows dropped.
+
+        Example:
+            >>> c = RowCache(dim=2, capacity_rows=16)
+            >>> c.admit(np.array([1, 2]), np.ones((2, 2), np.float32))
+            >>> c.invalidate(np.array([2, 5])), c.lookup(np.array([1, 2]))[0].tolist()
+            (1, [True, False])
+        """
+        tier = self._tier
+        ids = np.asarray(ids, dtype=np.int64)
+        if tier is None or not len(ids):
+            return 0
+        tbl = np.full(len(ids), table, dtype=np.intp)
+        keys = self._keys(ids, tbl if self._shared else None)
+        with self._lock:
+            slots = tier.find(keys)
+            hit = slots >= 0
+            if self._shared:
+                s = np.where(hit, slots, 0)
+                hit &= (self._ids[s] == ids) & (self._tbl[s] == table)
+            found = slots[hit]
+            if len(found):
+                tier.remove(found)
+                self._rows[table if self._shared else 0] -= len(found)
+        return len(found)
+
     def stats(self, table: int | None = None) -> CacheStats:
         """Counters of one table (``rows`` counts its rows; evictions and memory are the
         whole cache's), or of all tables together."""

@@ -117,6 +117,7 @@ class SourceShard:
     path: Path
     shard_map: ShardMap
     tables: dict[str, TableConfig]
+    delta_seq: int | None = None  # the shard's last published delta at the checkpoint
 
 
 # ---- reading the checkpoint ------------------------------------------------------------------
@@ -152,6 +153,7 @@ def source_shards(step_dir: str | Path) -> list[SourceShard]:
                     d,
                     ShardMap.from_dict(m["shard_map"]),
                     {t["name"]: TableConfig.from_dict(t) for t in m["tables"]},
+                    int(m["delta_seq"]) if m.get("delta_seq") is not None else None,
                 )
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -159,6 +161,17 @@ def source_shards(step_dir: str | Path) -> list[SourceShard]:
     if not out:
         raise CheckpointError(f"checkpoint {step_dir} has no shard-k/ directories")
     return sorted(out, key=lambda s: s.shard_id)
+
+
+def delta_seqs(shards: list[SourceShard]) -> dict[int, int]:
+    """``{training shard: last delta seq its checkpoint holds}`` for the manifest (shards
+    without a delta stream are left out).
+
+    Example:
+        >>> delta_seqs([SourceShard(0, Path("."), ShardMap.even(["a"]), {}, 7)])
+        {0: 7}
+    """
+    return {s.shard_id: s.delta_seq for s in shards if s.delta_seq is not None}
 
 
 def iter_table_rows(
@@ -472,6 +485,7 @@ def export_checkpoint(cfg: ExportConfig) -> mf.ModelManifest:
             tables=tables,
             shard_map=serving_map,
             files=files,
+            delta_seqs=delta_seqs(shards),
         )
         _write_file(tmp / mf.MANIFEST_FILE, manifest.to_json().encode())
         _write_file(tmp / mf.COMPLETE_FILE, f"{version}\n".encode())

@@ -48,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="poll the model root for newer versions this often; 0 = never",
     )
     p.add_argument(
+        "--delta-dir",
+        default=None,
+        help="apply the training shards' delta stream from here (recps ps start --delta-dir)",
+    )
+    p.add_argument(
+        "--delta-interval-s", type=float, default=1.0, help="poll the delta dir this often"
+    )
+    p.add_argument(
         "--no-verify", action="store_true", help="skip sha256 checks of the ingested files"
     )
     p.add_argument("--max-concurrent-rpcs", type=int, default=64)
@@ -86,6 +94,8 @@ def config_from_args(a: argparse.Namespace) -> ReplicaConfig:
         tls=tls,
         auth_token=token,
         metrics_port=a.metrics_port,
+        delta_dir=a.delta_dir,
+        delta_interval_s=a.delta_interval_s,
     )
 
 

@@ -11,6 +11,7 @@ Layout of ``data_dir``::
 
     data_dir/versions/<version:012d>-<tag>/<table>/   one RocksDB per table of a version
     data_dir/versions/<version:012d>-<tag>/READY      written last: the ingest finished
+    data_dir/versions/<version:012d>-<tag>/DELTAS.json  last delta applied per training shard
     data_dir/state.json     current, previous and pinned version (survives restarts)
     data_dir/server.json    address, port and pid of the running process
 
@@ -28,6 +29,13 @@ overlap in key range. Auto-compaction is off: nothing writes, so files stay as e
 serving, then one reference is swapped under a lock. A request takes a reference (a
 refcount) on the version it started on and finishes there; a retired version closes once
 its last request is done. The previous version stays open for :meth:`rollback`.
+
+**Online updates.** With ``delta_dir`` the replica polls the training shards' delta
+stream (:mod:`recps.ps.delta`) and ingests each new complete delta into the current
+version's DBs, in seq order per training shard (a later ingest wins on equal keys), then
+drops the cached rows of the delta's ids. The last seq applied per training shard is
+kept in the version's folder, so a restart continues from there; a freshly loaded
+version starts from the seqs its manifest records (``delta_seqs``).
 
 Example:
     >>> cfg = ReplicaConfig(model="/models/ctr", data_dir="/srv/r0")
@@ -61,6 +69,7 @@ import rocksdict as rd
 from recps.embedding import errors as E
 from recps.embedding.config import InitializerConfig
 from recps.embedding.initializers import RowInitializer
+from recps.ps import delta as D
 from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
 from recps.ps.routing import ShardMap, slots_of_tables
 from recps.serving import model_format as mf
@@ -75,6 +84,7 @@ from recps.serving.errors import (
 log = logging.getLogger("recps.serving.replica")
 
 READY_FILE = "READY"
+DELTAS_FILE = "DELTAS.json"
 STATE_FILE = "state.json"
 _STAGING = ".staging"
 # rocksdict releases the GIL inside get(): two halves of a large multi-get overlap.
@@ -112,8 +122,13 @@ class ReplicaConfig:
     auth_token: str | None = None  # bearer token required in call metadata when set
     metrics_port: int | None = None  # None: no Prometheus endpoint; 0: ephemeral
     shutdown_grace_s: float = 10.0
+    # The training shards' delta stream (recps.ps.delta); None: follow exports only.
+    delta_dir: str | None = None
+    delta_interval_s: float = 1.0  # how often the delta root is polled
 
     def __post_init__(self) -> None:
+        if self.delta_interval_s <= 0:
+            raise E.ConfigError("delta_interval_s must be > 0")
         if not self.model or not self.data_dir:
             raise E.ConfigError("a replica needs model and data_dir")
         if self.shards is not None:
@@ -161,6 +176,25 @@ class VersionStatus:
 
 
 @dataclass(frozen=True)
+class DeltaShardStatus:
+    """The delta stream of one training shard, as applied to the current version."""
+
+    training_shard: int
+    applied_seq: int  # last delta applied (the version's recorded seq before any)
+    latest_seq: int  # newest complete delta in the delta root
+    lag_s: float  # the last applied delta: application time - publish time (-1: none yet)
+    applied_at: float  # unix seconds of that application (0: none yet)
+    error: str  # why the stream stopped (a gap: a new export is needed); "" when fine
+
+
+@dataclass(frozen=True)
+class DeltaStatus:
+    delta_dir: str
+    shards: tuple[DeltaShardStatus, ...]
+    applied_total: int  # deltas this process applied
+
+
+@dataclass(frozen=True)
 class ReplicaStatus:
     current: VersionStatus | None
     previous: VersionStatus | None
@@ -170,6 +204,7 @@ class ReplicaStatus:
     watch_interval_s: float
     latest_available: int | None
     uptime_s: float
+    delta: DeltaStatus | None = None  # None: no delta_dir
 
 
 @dataclass(frozen=True)
@@ -181,6 +216,18 @@ class LoadResult:
 
 
 # ---- one table of one version ----------------------------------------------------------------
+
+
+class _AdmitGuard:
+    """Orders cache admissions against applied deltas for one version. A lookup notes
+    ``epoch`` before it reads RocksDB and admits its rows only if no delta was applied
+    since (under ``lock``); applying a delta bumps ``epoch`` and drops the delta's cached
+    ids under the same lock. So a row read before a delta never lands in the cache after
+    it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.epoch = 0
 
 
 def _unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -204,6 +251,7 @@ class _ServingTable:
         self.value_bytes = mf.row_bytes(spec.dim, spec.row_format)
         self.cache = RowCache(spec.dim, 0)  # replaced by the version's shared cache
         self.cache_index = 0  # this table's index in that cache
+        self.guard = _AdmitGuard()  # replaced by the version's
         self.default = dict(spec.default)
         self.default_kind = str(self.default.get("kind", "zeros"))
         self._init: RowInitializer | None = None
@@ -348,6 +396,8 @@ def _lookup_group(tables: Sequence[_ServingTable], ids: Sequence[np.ndarray]) ->
     only the RocksDB reads of the misses go table by table.
     """
     cache = tables[0].cache
+    guard = tables[0].guard
+    seen = guard.epoch  # before any read: see _AdmitGuard
     lens = [len(i) for i in ids]
     flat = np.concatenate(ids) if len(ids) > 1 else np.asarray(ids[0])
     which = np.repeat(np.array([t.cache_index for t in tables], dtype=np.intp), lens)
@@ -374,7 +424,9 @@ def _lookup_group(tables: Sequence[_ServingTable], ids: Sequence[np.ndarray]) ->
         else:
             miss = miss[np.argsort(uwhich[miss], kind="stable")]  # in table order
             _fetch_tables(tables, uids, uwhich, miss, rows)
-        cache.admit(uids[miss], rows[miss], uwhich[miss], ukeys[miss])
+        with guard.lock:
+            if guard.epoch == seen:  # else a delta landed meanwhile: these may be older
+                cache.admit(uids[miss], rows[miss], uwhich[miss], ukeys[miss])
     full = rows.take(inverse.reshape(-1), axis=0)
     out, start = [], 0
     for n in lens:
@@ -414,8 +466,15 @@ class _Version:
         self.holds_all = set(held) >= set(np.unique(m.slot_owner).tolist())
         self._held_mask = np.zeros(max(m.shards) + 1, dtype=bool)
         self._held_mask[list(held)] = True
+        self.guard = _AdmitGuard()
+        # The delta stream applied to this version: training shard -> last seq applied.
+        self.applied: dict[int, int] = dict(manifest.delta_seqs)
+        self.delta_lag_s: dict[int, float] = {}
+        self.delta_applied_at: dict[int, float] = {}
+        self.delta_errors: dict[int, str] = {}
         by_dim: dict[int, list[_ServingTable]] = {}
         for _, t in sorted(tables.items()):
+            t.guard = self.guard
             by_dim.setdefault(t.dim, []).append(t)
         for dim, group in by_dim.items():
             # cache_rows per table; the tables of a dim pool their room in one cache.
@@ -525,6 +584,7 @@ class ServingReplica:
         self._failed: dict[int, float] = {}  # version -> monotonic time of its failed load
         self.swaps = 0
         self.load_failures = 0
+        self.deltas_applied = 0
         # Called (no arguments, no locks held) after every change of the served version.
         self.on_change: list[Callable[[], None]] = []
         state = self._read_state()
@@ -540,6 +600,12 @@ class ServingReplica:
                 target=self._watch, name="recps-serve-watch", daemon=True
             )
             self._watcher.start()
+        self._delta_poller: threading.Thread | None = None
+        if config.delta_dir:
+            self._delta_poller = threading.Thread(
+                target=self._delta_watch, name="recps-serve-delta", daemon=True
+            )
+            self._delta_poller.start()
 
     # ---- state on disk -----------------------------------------------------------------------
 
@@ -562,6 +628,8 @@ class ServingReplica:
             "pinned": self._pinned,
             "current_dir": cur.dir.name if cur else None,
             "previous_dir": prev.dir.name if prev else None,
+            # For operators; the authority is the version folder's DELTAS.json.
+            "delta_applied": {str(k): x for k, x in sorted(cur.applied.items())} if cur else {},
         }
         path = self.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
@@ -712,7 +780,12 @@ class ServingReplica:
                 raise
             raise ModelLoadError(f"loading model version {version} failed: {e}") from e
         seconds = time.perf_counter() - t0
-        return _Version(manifest, directory, tables, held, seconds, self.config.cache_rows)
+        v = _Version(manifest, directory, tables, held, seconds, self.config.cache_rows)
+        if not ingest:  # an earlier process may have applied deltas to these DBs
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+                d = json.loads((directory / DELTAS_FILE).read_text())
+                v.applied = {int(k): int(x) for k, x in d["applied"].items()}
+        return v
 
     def _open_db(self, path: Path) -> rd.Rdict:
         try:
@@ -755,6 +828,135 @@ class ServingReplica:
         digest = mf.file_sha256(path)
         if digest != entry.sha256:
             raise mf.ChecksumMismatchError(rel, f"sha256 {entry.sha256}", f"sha256 {digest}")
+
+    # ---- the delta stream --------------------------------------------------------------------
+
+    def _delta_watch(self) -> None:
+        interval = self.config.delta_interval_s
+        while not self._closed.is_set():
+            try:
+                self.apply_deltas()
+            except Exception:
+                log.exception("applying deltas from %s failed", self.config.delta_dir)
+            if self._closed.wait(interval):
+                return
+
+    def apply_deltas(self) -> int:
+        """Apply every new complete delta to the current version, in seq order per
+        training shard; returns how many were applied. (The delta poller calls this.)
+
+        A missing seq (deleted by retention before this replica got to it) stops that
+        shard's stream, with an error in :meth:`status`, until a newer version is loaded:
+        skipping it could leave rows stale forever.
+        """
+        root = self.config.delta_dir
+        if not root:
+            return 0
+        applied = 0
+        with self._load_lock:
+            v = self._current
+            if v is None or self._closed.is_set():
+                return 0
+            for p in D.list_training_shards(root):
+                if p in v.delta_errors:
+                    continue
+                for seq in D.list_deltas(root, p):
+                    last = v.applied.get(p, 0)
+                    if seq <= last:
+                        continue
+                    if seq != last + 1:
+                        v.delta_errors[p] = (
+                            f"training shard {p}: delta {last + 1} is gone (next is {seq}); "
+                            "deltas after it cannot be applied safely: export a new version"
+                        )
+                        log.error("%s", v.delta_errors[p])
+                        break
+                    try:
+                        self._apply_delta(v, p, seq)
+                    except (E.RecpsError, OSError) as e:
+                        log.error("cannot apply delta %d of training shard %d: %s", seq, p, e)
+                        break  # retried at the next poll
+                    applied += 1
+            if applied:
+                self.deltas_applied += applied
+                self._write_state()
+        return applied
+
+    def _apply_delta(self, v: _Version, training_shard: int, seq: int) -> None:
+        ddir = D.delta_dir(self.config.delta_dir or "", training_shard, seq)
+        m = D.DeltaManifest.load(ddir, verify=self.config.verify_checksums)
+        sm = v.shard_map
+        # Split as the model is (the usual case): only the held shards' files. Otherwise
+        # every file: rows of shards not held are stored but never served.
+        same_split = m.num_slots == sm.num_slots and np.array_equal(
+            m.serving_map().slot_owner, sm.slot_owner
+        )
+        shards = list(v.held) if same_split else None
+        staging = v.dir / _STAGING / f"delta-{training_shard}-{seq}"
+        staging.mkdir(parents=True, exist_ok=True)
+        iopts = rd.IngestExternalFileOptions()
+        iopts.set_move_files(True)  # moves the staged link, never the delta's own name
+        touched: list[tuple[_ServingTable, np.ndarray]] = []
+        try:
+            for name, dt in sorted(m.tables.items()):
+                t = v.tables.get(name)
+                if t is None:
+                    log.warning("delta %s has table %r the model lacks; skipped", ddir, name)
+                    continue
+                if dt.dim != t.dim:
+                    raise D.DeltaError(
+                        f"delta {ddir}: table {name!r} has dim {dt.dim}, the model {t.dim}"
+                    )
+                for k in m.files_of(name, shards):
+                    rel = D.sst_relpath(name, k)
+                    src, staged = ddir / rel, staging / rel.replace("/", "__")
+                    if m.row_format == t.row_format:
+                        try:
+                            os.link(src, staged)
+                        except OSError:
+                            shutil.copyfile(src, staged)
+                    else:  # re-encode for the model's row format (e.g. int8)
+                        ids, rows = mf.read_sst(src, dt.dim, m.row_format)
+                        mf.write_sst(staged, ids, rows, t.row_format)
+                    try:
+                        t.db.ingest_external_file([str(staged)], iopts)
+                    except Exception as e:  # rocksdict raises plain Exception
+                        raise E.StorageError(f"ingesting {src} failed: {e}") from e
+                    touched.append((t, m.read_ids(name, k)))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with v.guard.lock:
+            v.guard.epoch += 1
+            for t, ids in touched:
+                t.cache.invalidate(ids, t.cache_index)
+        now = time.time()
+        v.applied[training_shard] = seq
+        v.delta_lag_s[training_shard] = max(0.0, now - m.created_at)
+        v.delta_applied_at[training_shard] = now
+        path = v.dir / DELTAS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"applied": {str(k): x for k, x in sorted(v.applied.items())}}))
+        tmp.replace(path)
+
+    def _delta_status(self, v: _Version | None) -> DeltaStatus | None:
+        root = self.config.delta_dir
+        if not root:
+            return None
+        shards = []
+        if v is not None:
+            for p in sorted(set(D.list_training_shards(root)) | set(v.applied)):
+                seqs = D.list_deltas(root, p)
+                shards.append(
+                    DeltaShardStatus(
+                        p,
+                        v.applied.get(p, 0),
+                        seqs[-1] if seqs else 0,
+                        v.delta_lag_s.get(p, -1.0),
+                        v.delta_applied_at.get(p, 0.0),
+                        v.delta_errors.get(p, ""),
+                    )
+                )
+        return DeltaStatus(str(root), tuple(shards), self.deltas_applied)
 
     # ---- swapping ----------------------------------------------------------------------------
 
@@ -980,6 +1182,7 @@ class ServingReplica:
     def status(self) -> ReplicaStatus:
         with self._ref_lock:
             cur, prev = self._current, self._previous
+        cur_v = cur
         return ReplicaStatus(
             current=cur.status() if cur is not None else None,
             previous=prev.status() if prev is not None else None,
@@ -989,6 +1192,7 @@ class ServingReplica:
             watch_interval_s=self.config.watch_interval_s,
             latest_available=mf.latest_version(self.root),
             uptime_s=time.time() - self.started,
+            delta=self._delta_status(cur_v),
         )
 
     def close(self) -> None:
@@ -999,6 +1203,8 @@ class ServingReplica:
         self._closed.set()
         if self._watcher is not None:
             self._watcher.join(timeout=30)
+        if self._delta_poller is not None:
+            self._delta_poller.join(timeout=30)
         with self._load_lock, self._ref_lock:
             versions = [v for v in (self._current, self._previous) if v is not None]
             self._current = self._previous = None
@@ -1080,6 +1286,26 @@ class _ServingCollector:
         yield rows
         yield looked
         yield CounterMetricFamily("recps_serving_swaps", "Version swaps", value=r.swaps)
+        if s.delta is not None:
+            lag = GaugeMetricFamily(
+                "recps_serving_delta_lag_seconds",
+                "Seconds from a delta's publish to its application (the last one applied)",
+                labels=["training_shard"],
+            )
+            seq = GaugeMetricFamily(
+                "recps_serving_delta_seq",
+                "Last delta seq applied to the served version",
+                labels=["training_shard"],
+            )
+            for d in s.delta.shards:
+                if d.lag_s >= 0:
+                    lag.add_metric([str(d.training_shard)], d.lag_s)
+                seq.add_metric([str(d.training_shard)], d.applied_seq)
+            yield lag
+            yield seq
+            yield CounterMetricFamily(
+                "recps_serving_deltas_applied", "Deltas applied", value=s.delta.applied_total
+            )
         yield CounterMetricFamily(
             "recps_serving_load_failures", "Version loads that failed", value=r.load_failures
         )
@@ -1247,6 +1473,19 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
                 latest_available=s.latest_available,
                 uptime_s=s.uptime_s,
                 address=server.address,
+                delta_dir=s.delta.delta_dir if s.delta else "",
+                deltas_applied=s.delta.applied_total if s.delta else 0,
+                deltas=[
+                    serving_pb2.DeltaShardStatus(
+                        training_shard=d.training_shard,
+                        applied_seq=d.applied_seq,
+                        latest_seq=d.latest_seq,
+                        lag_s=d.lag_s,
+                        applied_at=d.applied_at,
+                        error=d.error,
+                    )
+                    for d in (s.delta.shards if s.delta else ())
+                ],
             )
 
     return ReplicaServicer(), AdminServicer()

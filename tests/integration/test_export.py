@@ -181,6 +181,7 @@ def test_export_holds_exactly_the_trained_rows_of_the_shards(
     assert set(salts) == {f.name for f in m.features}
     assert salts["C1_wide"] == salts["C1"] == int(feature_salt("C1"))  # the input's salt
     assert m.hashing["missing_ids"]["C3_wide"] == missing_id("C3")
+    assert m.delta_seqs == {}  # these shards publish no delta stream: nothing recorded
 
     for table in trained.job.tables:
         ids, rows = read_export(vdir, m, table.name)
