@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     from recps.cli import rebalance_cmds
 
     rebalance_cmds.add_parser(sub)
+    from recps.cli import shard_cmds
+
+    shard_cmds.add_parser(sub)
+    from recps.cli import ops_cmds
+
+    ops_cmds.add_parser(sub)
 
     from recps.cli import data_cmds
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +92,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="ID=HOST:PORT",
         help="a shard the plan adds, already running elsewhere (repeatable)",
     )
-    apply.add_argument("--slots-per-move", type=int, default=1024, help="slots frozen together")
+    apply.add_argument(
+        "--slots-per-move", type=int, default=None, help="slots frozen together (4096)"
+    )
     apply.add_argument(
         "--copy-duty-cycle",
         type=float,
-        default=0.5,
-        help="share of time the background copy may load a source (1 = flat out)",
+        default=None,
+        help="share of time the background copy may load a source (0.35; 1 = flat out)",
     )
     apply.add_argument("--no-progress", action="store_true", help="no progress bar")
     apply.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -202,33 +205,16 @@ def _parse_add(values: list[str]) -> dict[int, str]:
     return out
 
 
-def _cmd_apply(args: argparse.Namespace) -> int:
-    from recps.embedding.errors import ConfigError, RecpsError
-    from recps.ps import cluster
-    from recps.ps.migration import MigrationConfig, Progress, apply_plan
-    from recps.ps.rebalance_plan import RebalancePlan
-
-    try:
-        path = _cluster_file(args)
-        plan = RebalancePlan.load(args.plan)
-        added = _parse_add(args.add_shard)
-        cfg = MigrationConfig(
-            slots_per_move=args.slots_per_move, copy_duty_cycle=args.copy_duty_cycle
-        )
-        info = cluster.read_cluster_file(path)
-    except RecpsError as e:
-        return _fail(str(e), 2)
-    if not args.yes:
-        return _fail(
-            f"this moves {plan.moved_slots} slots between live shards; add --yes to do it", 2
-        )
+def progress_bar(total: int, enabled: bool) -> tuple[Any, Callable[[Any], None]]:
+    """A tqdm bar on stderr (None when not ``enabled``) and the ``on_progress`` callback
+    of :func:`recps.ps.migration.apply_plan` that drives it: slots moved, rows, MiB, rate."""
     bar = None
-    if not args.no_progress and not args.json:
+    if enabled:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.moved_slots, unit="slot", desc="rebalance", file=sys.stderr)
+        bar = tqdm(total=total, unit="slot", desc="rebalance", file=sys.stderr)
 
-    def on_progress(p: Progress) -> None:
+    def on_progress(p: Any) -> None:
         if bar is None:
             return
         bar.total = p.slots_total or bar.total
@@ -239,6 +225,29 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             refresh=True,
         )
 
+    return bar, on_progress
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from recps.embedding.errors import ConfigError, RecpsError
+    from recps.ps import cluster
+    from recps.ps.migration import MigrationConfig, apply_plan
+    from recps.ps.rebalance_plan import RebalancePlan
+
+    try:
+        path = _cluster_file(args)
+        plan = RebalancePlan.load(args.plan)
+        added = _parse_add(args.add_shard)
+        given = {"slots_per_move": args.slots_per_move, "copy_duty_cycle": args.copy_duty_cycle}
+        cfg = MigrationConfig(**{k: v for k, v in given.items() if v is not None})
+        info = cluster.read_cluster_file(path)
+    except RecpsError as e:
+        return _fail(str(e), 2)
+    if not args.yes:
+        return _fail(
+            f"this moves {plan.moved_slots} slots between live shards; add --yes to do it", 2
+        )
+    bar, on_progress = progress_bar(plan.moved_slots, not args.no_progress and not args.json)
     try:
         from recps.ps.routing import ShardMap
 

@@ -45,6 +45,7 @@ _WRITE_CHUNK = 65536
 # Background write-back packs this many rows under the store lock, then writes them
 # with the lock released, so training keeps running while RocksDB works.
 _BACKGROUND_CHUNK = 8192
+_PRE_SCAN_CHUNKS = 64  # at most this many chunks written back before a scan's final flush
 # Fields that fix the stored row layout; changing them needs a migration, not a reopen.
 _LAYOUT_FIELDS = ("dim", "dtype")
 
@@ -180,25 +181,43 @@ class TieredStore(EmbeddingStore):
         value land after a newer one.
         """
         while not self._stop.is_set():
-            with self._lock:
-                self._check_open()
-                dirty = np.flatnonzero(self._hot.dirty)[:_BACKGROUND_CHUNK]
-                if not len(dirty):
-                    return
-                self._write_lock.acquire()
-                try:
-                    batch = self._pack_rows(dirty)
-                except BaseException:
-                    self._write_lock.release()
-                    raise
+            if not self._write_back_chunk(0):
+                return
+
+    def _write_back_chunk(self, leave: int) -> bool:
+        """Write back one chunk of dirty rows as the maintenance thread does (packed
+        under the store lock, written with it released); False, writing nothing, when at
+        most ``leave`` rows are dirty."""
+        with self._lock:
+            self._check_open()
+            dirty = np.flatnonzero(self._hot.dirty)
+            if len(dirty) <= leave:
+                return False
+            dirty = dirty[:_BACKGROUND_CHUNK]
+            self._write_lock.acquire()
             try:
-                self._rocks.write(*batch[:3], meta=batch[3])
+                batch = self._pack_rows(dirty)
             except BaseException:
-                with self._lock:  # nothing reached disk: the rows are dirty again
-                    self._hot.dirty[dirty] = True
-                raise
-            finally:
                 self._write_lock.release()
+                raise
+        try:
+            self._rocks.write(*batch[:3], meta=batch[3])
+        except BaseException:
+            with self._lock:  # nothing reached disk: the rows are dirty again
+                self._hot.dirty[dirty] = True
+            raise
+        finally:
+            self._write_lock.release()
+        return True
+
+    def _write_back_before_scan(self) -> None:
+        """Most of the flush a scan needs, done the background way, so the flush under
+        the store lock that takes the scan's snapshot is short and lookups and pushes
+        wait for one chunk at a time, not the whole write-back. Bounded: under a steady
+        push load new rows keep turning dirty, and the final flush takes the rest."""
+        for _ in range(_PRE_SCAN_CHUNKS):
+            if not self._write_back_chunk(_BACKGROUND_CHUNK):
+                return
 
     # ---- moving rows between tiers -------------------------------------------------------
 
@@ -447,6 +466,7 @@ class TieredStore(EmbeddingStore):
         shutil.rmtree(self.path / old, ignore_errors=True)
 
     def _items(self, batch_size: int) -> Iterator[RowBatch]:
+        self._write_back_before_scan()
         with self._lock:
             self._check_open()
             self._flush()
@@ -466,6 +486,7 @@ class TieredStore(EmbeddingStore):
 
     def _scan(self, start_id: int | None, batch_size: int) -> Iterator[RowBatch]:
         start = None if start_id is None else encode_keys(np.array([start_id], np.int64))[0]
+        self._write_back_before_scan()
         with self._lock:
             self._check_open()
             self._flush()

@@ -377,7 +377,8 @@ class PSClient:
                     frozen_until = now + _FROZEN_WAIT_S
                 if now < frozen_until:
                     time.sleep(frozen_pause * (0.5 + random.random()))
-                    frozen_pause = min(frozen_pause * 1.5, 0.2)
+                    # Short pauses: a freeze lasts ~0.1-0.2 s, and oversleeping it is pure stall.
+                    frozen_pause = min(frozen_pause * 1.5, 0.05)
                     continue
             if attempt == c.max_retries:
                 break

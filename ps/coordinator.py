@@ -72,10 +72,10 @@ class CoordinatorState:
         return [m for m in self.moves.values() if m["state"] != "done"]
 
 
-def _atomic_write(path: Path, obj: Any) -> None:
+def _atomic_write(path: Path, obj: Any, indent: int | None = 1) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
+        f.write(json.dumps(obj, indent=indent, separators=None if indent else (",", ":")) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -204,7 +204,9 @@ class Coordinator:
         done = [k for k, v in moves.items() if v["state"] == "done"]
         for k in done[: max(0, len(done) - _KEEP_DONE_MOVES)]:
             del moves[k]
-        _atomic_write(self.root / STATE_FILE, self._state)
+        # Compact: a decision is written while its slots are frozen, and indenting the
+        # journal's slot lists costs several times the write (`jq .` reads it fine).
+        _atomic_write(self.root / STATE_FILE, self._state, indent=None)
 
     def set_plan(self, plan: dict[str, Any] | None) -> None:
         """Record the plan being applied (``rebalance status`` shows it)."""
@@ -236,9 +238,12 @@ class Coordinator:
         mv = self._state["moves"][move_id]
         mv["rows"], mv["bytes"] = rows, nbytes  # persisted with the next state change
 
-    def decide(self, move_id: str) -> ShardMap:
+    def decide(self, move_id: str, publish: bool = True) -> ShardMap:
         """The handover: the move's slots belong to its target from this epoch on. Durable
-        before it returns, and published to the cluster file."""
+        before it returns, and published to the cluster file unless ``publish=False``
+        (the caller then calls :meth:`publish` once the shards have the map: clients
+        find the newest epoch on the shards as well, so the slots' freeze need not wait
+        for the cluster file's fsyncs)."""
         mv = self._state["moves"][move_id]
         if mv["state"] != "copying":
             return self.shard_map
@@ -251,7 +256,8 @@ class Coordinator:
         mv["decided_at"] = time.time()
         self._state["shard_map"] = new.to_dict()
         self._save()
-        self.publish()
+        if publish:
+            self.publish()
         return new
 
     def finish_move(self, move_id: str) -> None:

@@ -40,6 +40,9 @@ def test_empty_lookup_of_unknown_table_raises(ps_group: ShardGroup) -> None:
         client.lookup({"nope": np.array([], dtype=np.int64)})
 
 
+# slow: as an expected failure it spends ~30 s of every default run waiting to fail; run
+# it with `make test-slow` while diagnosing.
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
     reason="undiagnosed: Stats still sees UNAVAILABLE ~30 s after shard.restart() from a "

@@ -273,8 +273,11 @@ def test_target_killed_mid_move_then_apply_rerun(ps_group: ShardGroup, tmp_path:
 def test_coordinator_crash_after_the_handover_then_apply_rerun(
     ps_group: ShardGroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The apply process dies right after deciding a move (before any shard knows): the
-    source keeps refusing writes to the frozen slots, and a re-run finishes the move."""
+    """The apply process dies right after deciding the second of four moves that share a
+    copy: the first is handed over but its source has not dropped its rows yet (that
+    happens once per copy), no shard knows the second, the last two were never frozen.
+    The source keeps refusing writes to the second's frozen slots, and a re-run finishes
+    both, then moves the rest."""
     from recps.ps import migration
 
     cluster, _ = _start(ps_group, "async")
@@ -282,22 +285,29 @@ def test_coordinator_crash_after_the_handover_then_apply_rerun(
     with PSClient(cluster_file) as c:
         for t in TABLES:
             c.create_table(t)
-    real_finish = migration._finish
+    real_hand_over = migration._hand_over
 
-    def crash(*a: Any, **kw: Any) -> None:
-        raise RecpsError("simulated crash of the coordinator after its decision")
+    handed: list[str] = []
+
+    def crash(shards: Any, coord: Any, mv: dict[str, Any]) -> float:
+        if handed:
+            raise RecpsError("simulated crash of the coordinator after its decision")
+        handed.append(mv["id"])
+        return real_hand_over(shards, coord, mv)
 
     with _Stream(cluster_file) as stream:
         while stream.calls < 30:
             time.sleep(0.05)
         plan = _plan(cluster_file, [1])  # drain shard 0 into shard 1
-        monkeypatch.setattr(migration, "_finish", crash)
+        monkeypatch.setattr(migration, "_hand_over", crash)
         with pytest.raises(RecpsError, match="simulated"):
-            apply_plan(plan, cluster_file, config=MigrationConfig(slots_per_move=NUM_SLOTS))
+            apply_plan(plan, cluster_file, config=MigrationConfig(slots_per_move=NUM_SLOTS // 8))
         state = Coordinator.read(tmp_path)
-        assert [mv["state"] for mv in state.active_moves()] == ["decided"]
+        assert [mv["state"] for mv in state.active_moves()] == ["decided", "decided"]
+        assert state.active_moves()[0]["id"] == handed[0]
+        assert len(state.moves) == 2  # the two undecided ones were abandoned
         time.sleep(0.5)  # clients keep retrying the frozen slots meanwhile
-        monkeypatch.setattr(migration, "_finish", real_finish)
+        monkeypatch.setattr(migration, "_hand_over", real_hand_over)
         report = apply_plan(plan, cluster_file)
         assert report["shards"] == [1]
         calls = stream.calls
