@@ -77,6 +77,8 @@ class RankingServerConfig:
     def __post_init__(self) -> None:
         if not self.replicas:
             raise E.ConfigError("a ranking service needs at least one replica address")
+        if self.tls is not None and not (self.tls.cert_file and self.tls.key_file):
+            raise E.ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.watch_interval_s < 0 or self.max_workers < 1:
             raise E.ConfigError("watch_interval_s must be >= 0 and max_workers >= 1")
 
@@ -482,6 +484,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=8)
     p.add_argument("--lookup-timeout-s", type=float, default=1.0)
     p.add_argument("--auth-token-file", help="file holding the bearer token (clients and replicas)")
+    p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key serves TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--replica-ca", help="CA (PEM) that signs the replicas' certificates")
 
 
 def config_from_args(a: argparse.Namespace) -> RankingServerConfig:
@@ -497,6 +502,8 @@ def config_from_args(a: argparse.Namespace) -> RankingServerConfig:
         max_workers=a.max_workers,
         lookup_timeout_s=a.lookup_timeout_s,
         auth_token=token,
+        tls=TlsConfig(cert_file=a.tls_cert, key_file=a.tls_key) if a.tls_cert else None,
+        client_tls=TlsConfig(ca_file=a.replica_ca) if a.replica_ca else None,
     )
 
 

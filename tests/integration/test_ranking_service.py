@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps_harness import ShardGroup
 from serving_harness import ServiceProcess
 
@@ -30,6 +31,7 @@ from recps.proto import ranking_pb2, ranking_pb2_grpc
 from recps.ps.client import PSClient
 from recps.serving.client import ServingClient
 from recps.serving.export import ExportConfig, export_checkpoint
+from recps.serving.ranking_server import RankingServer, RankingServerConfig, RankingService
 from recps.worker.checkpoint import DENSE_FILE, latest_checkpoint, load_dense
 from recps.worker.data import DataReader
 from recps.worker.embedding import ShardedEmbeddingBagCollection, keyed_ids
@@ -62,6 +64,7 @@ class Served:
     ranking: ServiceProcess
     rows: list[dict[str, Any]]  # raw eval rows, as a ranking client would send them
     want: np.ndarray  # the training model's scores of those rows
+    models: Path  # the model root
 
 
 def _job(data: Path, ckpt: Path) -> JobConfig:
@@ -175,7 +178,7 @@ def served(ps_module_group: ShardGroup, tmp_path_factory: pytest.TempPathFactory
         ],
         tmp / "ranking.log",
     ).start()
-    yield Served(job, client, step_dir, replicas, ranking, rows, want)
+    yield Served(job, client, step_dir, replicas, ranking, rows, want, tmp / "models")
     ranking.kill()
     for r in replicas:
         r.kill()
@@ -294,6 +297,46 @@ def test_http_predict_health_metrics_and_bad_input(served: Served) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # Still serving after the bad requests.
     assert len(_stub(served).Predict(_request(served.rows[:3]), timeout=30).scores) == 3
+
+
+def test_a_token_guards_predict_but_not_health(served: Served) -> None:
+    cfg = RankingServerConfig(
+        model=str(served.models),
+        replicas=(served.replicas[1].address,),
+        auth_token="s3cret",
+        watch_interval_s=0,
+    )
+    server = RankingServer(RankingService(cfg)).start()
+    try:
+        channel = grpc.insecure_channel(server.address)
+        stub = ranking_pb2_grpc.RankingStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(_request(served.rows[:2]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(
+                _request(served.rows[:2]), timeout=30, metadata=(("authorization", "Bearer nope"),)
+            )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Predict(
+            _request(served.rows), timeout=30, metadata=(("authorization", "Bearer s3cret"),)
+        )
+        np.testing.assert_allclose(np.array(ok.scores), served.want, rtol=1e-4, atol=1e-6)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        url = f"http://127.0.0.1:{server.http_port}/predict"
+        body = json.dumps({"candidates": served.rows[:2]}).encode()
+        with pytest.raises(urllib.error.HTTPError) as http_err:
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30)
+        assert http_err.value.code == 401
+        req = urllib.request.Request(url, data=body, headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert len(json.loads(resp.read())["scores"]) == 2
+        channel.close()
+    finally:
+        server.stop(grace_s=1)
 
 
 def test_a_replica_killed_mid_traffic_fails_no_request(served: Served) -> None:
