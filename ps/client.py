@@ -642,6 +642,9 @@ class PSClient:
         """
         tag = tag or time.strftime("ckpt-%Y%m%d-%H%M%S")
         req = ps_pb2.CheckpointRequest(dir=directory, tag=tag, request_id=uuid.uuid4().hex)
+        # Every shard of the newest map: a rebalance's last change (a drained shard leaving
+        # the map) is answered "stale" by no shard, so this client may still list it.
+        self.refresh_shard_map()
         return self._each_shard("Checkpoint", req, timeout=3600)
 
     def restore(self, directory: str, tag: str) -> dict[int, ps_pb2.RestoreResponse]:
@@ -654,6 +657,7 @@ class PSClient:
         also roll back pushes made in between).
         """
         dry = ps_pb2.RestoreRequest(dir=directory, tag=tag, dry_run=True)
+        self.refresh_shard_map()  # see checkpoint()
         self._each_shard("Restore", dry, timeout=self.config.timeout_s)
         return self._each_shard(
             "Restore", ps_pb2.RestoreRequest(dir=directory, tag=tag), timeout=3600

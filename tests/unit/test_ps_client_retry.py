@@ -85,6 +85,8 @@ def _client(n_shards: int = 2, **cfg: Any) -> tuple[PSClient, list[_Stub]]:
     config = ClientConfig(backoff_initial_s=0.001, backoff_max_s=0.005, **cfg)
     client = PSClient(m, config)
     stubs = [_Stub() for _ in range(n_shards)]
+    for s in stubs:  # shards know the client's map (checkpoint and restore refresh it)
+        s.scripts["GetShardMap"] = [m.to_proto()]
     client._stub = lambda addr: stubs[int(addr[5:-2])]  # type: ignore[method-assign]
     return client, stubs
 
