@@ -31,9 +31,11 @@ the AUC bound is checked first, as the issue states it.
 
 How the overlap is made certain on a loaded 2-core box: the mover starts growing at step
 ``GROW_AT`` (the trainer waits there until the third shard's process is up) and shrinking
-at ``SHRINK_AT``; the trainer waits before steps ``HOLD_GROW`` and ``HOLD_SHRINK`` until
-the matching apply has finished (the waits are measured and printed). So every apply
-overlaps training however fast the machine, and the last steps, the evaluation and the
+at ``SHRINK_AT``; two steps after each, the trainer waits for the apply's first progress
+report (a fast machine would otherwise run ahead to the next hold before the apply moved
+anything), and before steps ``HOLD_GROW`` and ``HOLD_SHRINK`` until the matching apply
+has finished (the waits are measured and printed). So every apply overlaps training
+however fast or slow the machine, and the last steps, the evaluation and the
 checkpoint run on the final map. The test asserts that at least
 ``MIN_STEPS_DURING_APPLY`` steps completed between each apply's first and last progress
 report, and that the trainer routed by maps from the middle of both applies.
@@ -184,6 +186,10 @@ class _Mover(threading.Thread):
         self.ready = threading.Event()  # the third shard's process is up
         self.grown = threading.Event()
         self.shrunk = threading.Event()
+        # The first progress report of each apply: the trainer waits for it a couple of
+        # steps after the apply starts, so on a fast machine it cannot run ahead to the
+        # next hold before the apply has begun moving slots.
+        self.started = {"grow": threading.Event(), "shrink": threading.Event()}
         self.abort = threading.Event()  # the job ended early: stop waiting for its steps
         self.spans: dict[str, tuple[int, int, float, float]] = {}  # step/time at start, end
         self.reports: dict[str, dict[str, Any]] = {}
@@ -206,6 +212,7 @@ class _Mover(threading.Thread):
 
         def on_progress(p: Progress) -> None:
             self.progress_steps[name].append(self.clock.step)
+            self.started[name].set()
 
         self.reports[name] = apply_plan(
             plan, self.cluster_file, added, config=MOVE, on_progress=on_progress
@@ -232,6 +239,8 @@ class _Mover(threading.Thread):
             self.ready.set()
             self.grown.set()
             self.shrunk.set()
+            for e in self.started.values():
+                e.set()
 
 
 def _start(group: ShardGroup) -> Cluster:
@@ -273,7 +282,13 @@ def test_training_through_grow_and_shrink_matches_the_undisturbed_run(
         epoch0 = c.shard_map.epoch
         clock_b = _StepClock(c)
         mover = _Mover(ps_group, cluster_b, cluster_file, clock_b)
-        clock_b.holds = {GROW_AT: mover.ready, HOLD_GROW: mover.grown, HOLD_SHRINK: mover.shrunk}
+        clock_b.holds = {
+            GROW_AT: mover.ready,
+            GROW_AT + 2: mover.started["grow"],
+            HOLD_GROW: mover.grown,
+            SHRINK_AT + 2: mover.started["shrink"],
+            HOLD_SHRINK: mover.shrunk,
+        }
         mover.start()
         try:
             result_b = _train(job_b, clock_b)
