@@ -50,7 +50,7 @@ from recps.embedding.config import TableConfig
 from recps.embedding.tiered_store import TieredStore
 from recps.proto import ps_pb2, ps_pb2_grpc
 from recps.ps import wire
-from recps.ps.config import ServerConfig
+from recps.ps.config import ServerConfig, TlsConfig
 from recps.ps.delta import STATE_FILE as DELTA_STATE_FILE
 from recps.ps.delta import DeltaPublisher
 from recps.ps.errors import MigrationError, SlotFrozenError, abort
@@ -287,7 +287,7 @@ class _Dedup:
 _LOG_COMPACT_BYTES = 4 << 20  # dedup log size that triggers a snapshot + truncation
 
 
-def _rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def rpc_handler(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Times the RPC, and turns errors into precise statuses (the server keeps serving)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -568,7 +568,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # ---- RPCs -----------------------------------------------------------------------------
 
-    @_rpc("Lookup")
+    @rpc_handler("Lookup")
     def Lookup(self, request: ps_pb2.LookupRequest, context: Any) -> bytes:
         """The serialized ``LookupResponse`` (``LookupResponse.FromString`` reads it)."""
         tables = request.tables
@@ -594,10 +594,10 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                 out.append((name, rows, store.dim, dtype))
                 self._count(self._rows_read, self.metrics.rows_read, name)(len(i))
             self._record(records)  # lookups create rows: they move too
-        # Serialized here (see _add_servicer): the rows are copied once, into the response.
+        # Serialized here (see add_servicer): the rows are copied once, into the response.
         return wire.encode_lookup_response(out)
 
-    @_rpc("Push")
+    @rpc_handler("Push")
     def Push(self, request: ps_pb2.PushRequest, context: Any) -> ps_pb2.PushResponse:
         tables = request.tables
         names = [t.table for t in tables]
@@ -662,7 +662,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             return ps_pb2.PushResponse(applied_rows=0, duplicate=True)
         return ps_pb2.PushResponse(applied_rows=applied, duplicate=False)
 
-    @_rpc("CreateTable")
+    @rpc_handler("CreateTable")
     def CreateTable(self, request: ps_pb2.CreateTableRequest, context: Any) -> Any:
         cfg = wire.config_from_spec(request.spec)
         with self._tables_lock:
@@ -677,12 +677,12 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             self._save_tables()
         return ps_pb2.CreateTableResponse(spec=wire.spec_from_config(cfg), created=True)
 
-    @_rpc("ListTables")
+    @rpc_handler("ListTables")
     def ListTables(self, request: Any, context: Any) -> ps_pb2.ListTablesResponse:
         specs = [wire.spec_from_config(self._tables[n].config) for n in sorted(self._tables)]
         return ps_pb2.ListTablesResponse(tables=specs)
 
-    @_rpc("Stats")
+    @rpc_handler("Stats")
     def Stats(self, request: ps_pb2.StatsRequest, context: Any) -> ps_pb2.StatsResponse:
         names = list(request.tables) or sorted(self._tables)
         tables = [self._table_stats(n) for n in names]
@@ -757,7 +757,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         finally:
             self._slot_scan_lock.release()
 
-    @_rpc("Checkpoint")
+    @rpc_handler("Checkpoint")
     def Checkpoint(self, request: ps_pb2.CheckpointRequest, context: Any) -> Any:
         if not request.dir:
             raise E.InvalidArgumentError("Checkpoint needs dir")
@@ -825,7 +825,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             seconds=0.0,
         )
 
-    @_rpc("Restore")
+    @rpc_handler("Restore")
     def Restore(self, request: ps_pb2.RestoreRequest, context: Any) -> ps_pb2.RestoreResponse:
         if not request.dir or not request.tag:
             raise E.InvalidArgumentError("Restore needs dir and tag")
@@ -894,11 +894,11 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             seconds=time.perf_counter() - t0,
         )
 
-    @_rpc("GetShardMap")
+    @rpc_handler("GetShardMap")
     def GetShardMap(self, request: Any, context: Any) -> ps_pb2.ShardMap:
         return self.shard_map.to_proto()
 
-    @_rpc("UpdateShardMap")
+    @rpc_handler("UpdateShardMap")
     def UpdateShardMap(self, request: ps_pb2.ShardMap, context: Any) -> ps_pb2.ShardMap:
         try:
             new = ShardMap.from_proto(request)
@@ -981,7 +981,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
     def _update_moving(self) -> None:
         self._moving = bool(self._tracking.any() or self._frozen.any() or self._incoming.any())
 
-    @_rpc("Migrate")
+    @rpc_handler("Migrate")
     def Migrate(self, request: ps_pb2.MigrateRequest, context: Any) -> ps_pb2.MigrateResponse:
         slots = self._slots_arg(request.slots)
         sid = self.config.shard_id
@@ -1066,7 +1066,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         )
         return ps_pb2.MigrateResponse(rows=rows, epoch=self.shard_map.epoch)
 
-    @_rpc("ReadSlotRows")
+    @rpc_handler("ReadSlotRows")
     def ReadSlotRows(self, request: ps_pb2.ReadSlotRowsRequest, context: Any) -> Any:
         store = self._store(request.table)
         mask = self._slot_mask(self._slots_arg(request.slots))
@@ -1118,7 +1118,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             batch = RowBatch(*cols)
         return ps_pb2.ReadSlotRowsResponse(rows=encode_slot_rows(name, batch), done=done)
 
-    @_rpc("WriteSlotRows")
+    @rpc_handler("WriteSlotRows")
     def WriteSlotRows(self, request: ps_pb2.WriteSlotRowsRequest, context: Any) -> Any:
         table = request.rows.table
         store = self._store(table)
@@ -1158,7 +1158,7 @@ def _serialize(message: Any) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _add_servicer(servicer: PSServicer, server: grpc.Server) -> None:
+def add_servicer(servicer: PSServicer, server: grpc.Server) -> None:
     """``add_ParameterServerServicer_to_server``, except that every response may also be
     returned already serialized (``Lookup`` hand-encodes its rows)."""
     service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
@@ -1174,7 +1174,20 @@ def _add_servicer(servicer: PSServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-class _AuthInterceptor(grpc.ServerInterceptor):
+def add_port(server: grpc.Server, bind: str, tls: TlsConfig | None) -> int:
+    """Bind ``server`` to ``bind`` (TLS when ``tls`` is set; with its ``client_ca_file``,
+    mutual TLS); returns the port, 0 if the bind failed."""
+    if tls is None:
+        return server.add_insecure_port(bind)
+    creds = grpc.ssl_server_credentials(
+        [(tls.read("key_file"), tls.read("cert_file"))],
+        root_certificates=tls.read("client_ca_file"),
+        require_client_auth=tls.client_ca_file is not None,
+    )
+    return server.add_secure_port(bind, creds)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
     """Bearer-token check on every call except health checks and reflection."""
 
     def __init__(self, token: str) -> None:
@@ -1211,29 +1224,21 @@ class PSServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = [_AuthInterceptor(config.auth_token)] if config.auth_token else []
+        interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="recps-ps"),
             options=opts,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        _add_servicer(self.servicer, self.grpc_server)
+        add_servicer(self.servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
         )
         bind = f"{config.host}:{config.port}"
-        if config.tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(config.tls.read("key_file"), config.tls.read("cert_file"))],
-                root_certificates=config.tls.read("client_ca_file"),
-                require_client_auth=config.tls.client_ca_file is not None,
-            )
-            self.port = self.grpc_server.add_secure_port(bind, creds)
-        else:
-            self.port = self.grpc_server.add_insecure_port(bind)
+        self.port = add_port(self.grpc_server, bind, config.tls)
         if not self.port:
             raise E.ConfigError(f"cannot bind {bind}")
         self.address = f"{config.host}:{self.port}"

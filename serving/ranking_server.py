@@ -47,6 +47,7 @@ from recps.embedding import errors as E
 from recps.proto import ranking_pb2, ranking_pb2_grpc
 from recps.ps.config import TlsConfig
 from recps.ps.errors import abort, code_of
+from recps.ps.server import AuthInterceptor, add_port
 from recps.serving.client import ServingClient, ServingClientConfig
 from recps.serving.model_format import latest_version, version_dir
 from recps.serving.ranking import Ranker, RankerConfig, resolve_version_dir
@@ -280,25 +281,6 @@ class _RankingServicer(ranking_pb2_grpc.RankingServicer):
         )
 
 
-class _TokenCheck(grpc.ServerInterceptor):
-    """Bearer token on every call except health checks (probes need no secret)."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-        self._deny = grpc.unary_unary_rpc_method_handler(
-            lambda req, ctx: ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
-        )
-
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
-        if details.method.startswith("/grpc.health.v1."):
-            return continuation(details)
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got = got.encode() if isinstance(got, str) else got
-        if not hmac.compare_digest(got, self._expected):
-            return self._deny
-        return continuation(details)
-
-
 # ---- HTTP --------------------------------------------------------------------------------
 
 _HTTP_STATUS = {
@@ -425,7 +407,7 @@ class RankingServer:
     def __init__(self, service: RankingService) -> None:
         c = service.config
         self.service = service
-        interceptors = [_TokenCheck(c.auth_token)] if c.auth_token else []
+        interceptors = [AuthInterceptor(c.auth_token)] if c.auth_token else []
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(c.max_workers, thread_name_prefix="recps-rank"),
             interceptors=interceptors,
@@ -434,11 +416,7 @@ class RankingServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         bind = f"{c.host}:{c.port}"
-        if c.tls is not None:
-            creds = grpc.ssl_server_credentials([(c.tls.read("key_file"), c.tls.read("cert_file"))])
-            self.port = self.grpc_server.add_secure_port(bind, creds)
-        else:
-            self.port = self.grpc_server.add_insecure_port(bind)
+        self.port = add_port(self.grpc_server, bind, c.tls)
         if not self.port:
             raise E.ConfigError(f"cannot bind {bind}")
         self.address = f"{c.host}:{self.port}"

@@ -1347,17 +1347,17 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
     only this function's classes touch the generated stubs)."""
     from recps.proto import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc
     from recps.ps import wire
-    from recps.ps.server import _rpc
+    from recps.ps.server import rpc_handler
     from recps.serving.errors import ReadOnlyReplicaError
 
     replica, metrics = server.replica, server.metrics
 
     class ReplicaServicer(ps_pb2_grpc.ParameterServerServicer):
         def __init__(self) -> None:
-            self.metrics = metrics  # _rpc times every call into metrics.latency
+            self.metrics = metrics  # rpc_handler times every call into metrics.latency
             self._rows_read: dict[str, Callable[[float], None]] = {}
 
-        @_rpc("Lookup")
+        @rpc_handler("Lookup")
         def Lookup(self, request: Any, context: Any) -> bytes:
             """The serialized ``LookupResponse``; ``create_missing`` is ignored (read-only:
             a missing id always gets its table's default vector)."""
@@ -1375,7 +1375,7 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
                 inc(len(rows))
             return wire.encode_lookup_response([(n, r, d, code) for n, r, d in out])
 
-        @_rpc("ListTables")
+        @rpc_handler("ListTables")
         def ListTables(self, request: Any, context: Any) -> Any:
             specs = [
                 ps_pb2.TableSpec(
@@ -1392,7 +1392,7 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
             ]
             return ps_pb2.ListTablesResponse(tables=specs)
 
-        @_rpc("Stats")
+        @rpc_handler("Stats")
         def Stats(self, request: Any, context: Any) -> Any:
             from recps.ps.metrics import rss_bytes
 
@@ -1420,7 +1420,7 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
                 ],
             )
 
-        @_rpc("GetShardMap")
+        @rpc_handler("GetShardMap")
         def GetShardMap(self, request: Any, context: Any) -> Any:
             return replica.shard_map(server.address).to_proto()
 
@@ -1428,7 +1428,7 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
     # UpdateShardMap, slot moves, and any added later) writes or needs training state:
     # refused with PERMISSION_DENIED, never UNIMPLEMENTED or a silent success.
     def _refuse(name: str) -> Callable[..., Any]:
-        @_rpc(name)
+        @rpc_handler(name)
         def refuse(self: Any, request: Any, context: Any) -> Any:
             raise ReadOnlyReplicaError(name)
 
@@ -1442,7 +1442,7 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
         def __init__(self) -> None:
             self.metrics = metrics
 
-        @_rpc("LoadVersion")
+        @rpc_handler("LoadVersion")
         def LoadVersion(self, request: Any, context: Any) -> Any:
             version = request.version if request.HasField("version") else None
             res = replica.load_version(version)
@@ -1453,14 +1453,14 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
                 seconds=res.seconds,
             )
 
-        @_rpc("Rollback")
+        @rpc_handler("Rollback")
         def Rollback(self, request: Any, context: Any) -> Any:
             res = replica.rollback()
             return serving_pb2.RollbackResponse(
                 current=_version_pb(res.current), previous=_version_pb(res.previous)
             )
 
-        @_rpc("Status")
+        @rpc_handler("Status")
         def Status(self, request: Any, context: Any) -> Any:
             s = replica.status()
             return serving_pb2.StatusResponse(
@@ -1507,7 +1507,7 @@ class ReplicaServer:
 
         from recps.proto import serving_pb2_grpc
         from recps.ps.metrics import ServerMetrics
-        from recps.ps.server import _add_servicer, _AuthInterceptor
+        from recps.ps.server import AuthInterceptor, add_port, add_servicer
 
         self.config = config
         self.replica = replica if replica is not None else ServingReplica(config)
@@ -1519,7 +1519,7 @@ class ReplicaServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = [_AuthInterceptor(config.auth_token)] if config.auth_token else []
+        interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="recps-serve"),
             options=opts,
@@ -1528,7 +1528,7 @@ class ReplicaServer:
         )
         self.address = ""  # set once bound (GetShardMap names it)
         ps_servicer, admin_servicer = _make_servicers(self)
-        _add_servicer(ps_servicer, self.grpc_server)  # Lookup returns pre-serialized bytes
+        add_servicer(ps_servicer, self.grpc_server)  # Lookup returns pre-serialized bytes
         serving_pb2_grpc.add_ServingAdminServicer_to_server(admin_servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
@@ -1537,15 +1537,7 @@ class ReplicaServer:
             self.grpc_server,
         )
         bind = f"{config.host}:{config.port}"
-        if config.tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(config.tls.read("key_file"), config.tls.read("cert_file"))],
-                root_certificates=config.tls.read("client_ca_file"),
-                require_client_auth=config.tls.client_ca_file is not None,
-            )
-            self.port = self.grpc_server.add_secure_port(bind, creds)
-        else:
-            self.port = self.grpc_server.add_insecure_port(bind)
+        self.port = add_port(self.grpc_server, bind, config.tls)
         if not self.port:
             self.replica.close()
             raise E.ConfigError(f"cannot bind {bind}")

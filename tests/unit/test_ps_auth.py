@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from recps.ps.server import _AuthInterceptor
+from recps.ps.server import AuthInterceptor
 
 OK = object()
 
 
-def _call(icpt: _AuthInterceptor, method: str, md: tuple[tuple[str, Any], ...] | None) -> Any:
+def _call(icpt: AuthInterceptor, method: str, md: tuple[tuple[str, Any], ...] | None) -> Any:
     details = SimpleNamespace(method=method, invocation_metadata=md)
     return icpt.intercept_service(lambda d: OK, details)
 
@@ -32,13 +32,13 @@ def _call(icpt: _AuthInterceptor, method: str, md: tuple[tuple[str, Any], ...] |
     ],
 )
 def test_token_check(md: tuple[tuple[str, Any], ...] | None, allowed: bool) -> None:
-    icpt = _AuthInterceptor("tok3n")
+    icpt = AuthInterceptor("tok3n")
     got = _call(icpt, "/recps.ps.v1.ParameterServer/Lookup", md)
     assert (got is OK) is allowed
 
 
 def test_health_and_reflection_are_exempt() -> None:
-    icpt = _AuthInterceptor("tok3n")
+    icpt = AuthInterceptor("tok3n")
     assert _call(icpt, "/grpc.health.v1.Health/Check", None) is OK
     assert _call(icpt, "/grpc.reflection.v1alpha.ServerReflection/Info", None) is OK
 
@@ -54,7 +54,7 @@ def test_token_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> Non
         return real(a, b)
 
     monkeypatch.setattr("recps.ps.server.hmac.compare_digest", spy)
-    icpt = _AuthInterceptor("tok3n")
+    icpt = AuthInterceptor("tok3n")
     assert _call(icpt, "/x/Y", (("authorization", "Bearer wrong"),)) is not OK
     assert _call(icpt, "/x/Y", (("authorization", "Bearer tok3n"),)) is OK
     assert len(seen) == 2
