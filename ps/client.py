@@ -44,7 +44,7 @@ from recps.embedding.base import _group, unique_sum
 from recps.embedding.config import TableConfig
 from recps.proto import ps_pb2, ps_pb2_grpc
 from recps.ps import wire
-from recps.ps.config import ClientConfig
+from recps.ps.config import ClientConfig, TlsConfig
 from recps.ps.errors import SlotFrozenError, from_rpc_error
 from recps.ps.rebalance_plan import SlotStats
 from recps.ps.routing import ShardMap
@@ -82,6 +82,37 @@ def _as_grads(g: Any) -> np.ndarray:
     if a.dtype.kind != "f":
         raise E.DtypeError("grads", a.dtype, "float32")
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def open_channel(
+    address: str,
+    max_message_bytes: int,
+    tls: TlsConfig | None = None,
+    server_name_override: str | None = None,
+) -> grpc.Channel:
+    """A channel to a recps server (shard or serving replica), as every recps client opens
+    it: message limits, no gRPC-level retries, a capped reconnect backoff, TLS if given."""
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 0),  # retries are ours: they must reuse push seqs
+        # After a failed connect a channel fails calls at once until its reconnect
+        # backoff (1 s growing to 120 s by default) ends: a restarted server would
+        # stay unreachable for minutes after it is back. Servers restart; cap it.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    if server_name_override:
+        opts.append(("grpc.ssl_target_name_override", server_name_override))
+    if tls is None:
+        return grpc.insecure_channel(address, options=opts)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.read("ca_file"),
+        private_key=tls.read("key_file"),
+        certificate_chain=tls.read("cert_file"),
+    )
+    return grpc.secure_channel(address, creds, options=opts)
 
 
 def _unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -168,28 +199,7 @@ class PSClient:
 
     def _open(self, address: str) -> tuple[grpc.Channel, ps_pb2_grpc.ParameterServerStub]:
         c = self.config
-        opts: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.max_send_message_length", c.max_message_bytes),
-            ("grpc.enable_retries", 0),  # retries are ours: they must reuse push seqs
-            # After a failed connect a channel fails calls at once until its reconnect
-            # backoff (1 s growing to 120 s by default) ends: a restarted shard would
-            # stay unreachable for minutes after it is back. Shards restart; cap it.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        if c.server_name_override:
-            opts.append(("grpc.ssl_target_name_override", c.server_name_override))
-        if c.tls is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=c.tls.read("ca_file"),
-                private_key=c.tls.read("key_file"),
-                certificate_chain=c.tls.read("cert_file"),
-            )
-            ch = grpc.secure_channel(address, creds, options=opts)
-        else:
-            ch = grpc.insecure_channel(address, options=opts)
+        ch = open_channel(address, c.max_message_bytes, c.tls, c.server_name_override)
         return ch, ps_pb2_grpc.ParameterServerStub(ch)
 
     def _read_cluster_file(self) -> ShardMap:

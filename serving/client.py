@@ -37,6 +37,7 @@ import numpy as np
 from recps.embedding import errors as E
 from recps.proto import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc
 from recps.ps import wire
+from recps.ps.client import open_channel
 from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
 from recps.ps.errors import from_rpc_error
 from recps.ps.routing import ShardMap, slot_of
@@ -109,24 +110,8 @@ class ServingClient:
     # ---- discovery -----------------------------------------------------------------------
 
     def _open(self, address: str) -> grpc.Channel:
-        c = self.config
-        opts: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.max_send_message_length", c.max_message_bytes),
-            ("grpc.enable_retries", 0),  # failover is ours: to another replica, not the same
-            # A replica that restarts should be usable again within a second.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        if c.tls is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=c.tls.read("ca_file"),
-                private_key=c.tls.read("key_file"),
-                certificate_chain=c.tls.read("cert_file"),
-            )
-            return grpc.secure_channel(address, creds, options=opts)
-        return grpc.insecure_channel(address, options=opts)
+        c = self.config  # failover is ours too: to another replica, not the same one
+        return open_channel(address, c.max_message_bytes, c.tls)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         token = self.config.auth_token
