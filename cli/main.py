@@ -77,18 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
-    import logging
-
-    from recps.embedding.errors import RecpsError
     from recps.serving import ranking_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        config = ranking_server.config_from_args(args)
-    except (RecpsError, OSError) as e:
-        print(f"recps rank: {e}", file=sys.stderr)
-        return 2
-    return ranking_server.run(config)
+    return ranking_server.run_from_args(args)
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

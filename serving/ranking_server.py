@@ -511,13 +511,23 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Example: recps rank --model /models --replicas 127.0.0.1:7101 --http-port 8080",
     )
     add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``recps rank``: exit 2 on a bad configuration, 1 if it cannot start serving, else
+    serve until SIGTERM and exit 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        config = config_from_args(p.parse_args(argv))
+        config = config_from_args(args)
     except (E.RecpsError, OSError) as e:
         print(f"recps rank: {e}", file=sys.stderr)
         return 2
-    return run(config)
+    try:
+        return run(config)
+    except E.RecpsError as e:  # no replica answers, the model does not load, ...
+        print(f"recps rank: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -365,3 +365,12 @@ def test_a_replica_killed_mid_traffic_fails_no_request(served: Served) -> None:
         t.join(timeout=60)
     assert not failures, failures[:3]
     assert done[0] > before  # requests kept succeeding after the kill
+
+
+def test_rank_cli_exits_1_with_a_reason_when_no_replica_answers(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recps.cli.main import main
+
+    assert main(["rank", "--model", str(served.models), "--replicas", "127.0.0.1:1"]) == 1
+    assert "no serving replica answered" in capsys.readouterr().err
