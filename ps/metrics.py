@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -67,6 +67,23 @@ class _StateCollector:
         yield sbytes
 
 
+class _RpcMetrics:
+    """One RPC's labelled metric children, made once: ``.labels()`` takes a lock and
+    builds a key, too dear for every call."""
+
+    def __init__(self, metrics: ServerMetrics, rpc: str) -> None:
+        self._latency = metrics.latency
+        self._rpc = rpc
+        self._observers: dict[str, Callable[[float], None]] = {}
+        self.running = metrics.in_progress.labels(rpc)
+
+    def observe(self, code: str, seconds: float) -> None:
+        fn = self._observers.get(code)
+        if fn is None:
+            fn = self._observers[code] = self._latency.labels(self._rpc, code).observe
+        fn(seconds)
+
+
 class ServerMetrics:
     def __init__(self, shard_id: int) -> None:
         self.shard_id = shard_id
@@ -79,6 +96,11 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # Calls a handler is running now: shows a stuck or saturated shard, and lets a
+        # graceful-shutdown check know its requests really are in flight.
+        self.in_progress = Gauge(
+            "recps_rpc_in_progress", "RPCs being handled now", ["rpc"], registry=r
+        )
         self.rows_read = Counter(
             "recps_rows_read", "Rows returned by Lookup", ["table"], registry=r
         )
@@ -88,8 +110,16 @@ class ServerMetrics:
         self.duplicate_pushes = Counter(
             "recps_duplicate_pushes", "Retried pushes answered without re-applying", registry=r
         )
+        self._rpcs: dict[str, _RpcMetrics] = {}
         self._http: Any = None
         self.port: int | None = None
+
+    def rpc(self, name: str) -> _RpcMetrics:
+        """The metric children of RPC ``name`` (latency by status code, calls running)."""
+        m = self._rpcs.get(name)
+        if m is None:
+            m = self._rpcs.setdefault(name, _RpcMetrics(self, name))
+        return m
 
     def attach_state(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_StateCollector(snapshot))  # type: ignore[arg-type]

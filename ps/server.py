@@ -291,12 +291,12 @@ def rpc_handler(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     """Times the RPC, and turns errors into precise statuses (the server keeps serving)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        observers: dict[str, Callable[[float], None]] = {}  # code -> labelled child's observe
-
         @functools.wraps(fn)
         def handler(self: PSServicer, request: Any, context: grpc.ServicerContext) -> Any:
             t0 = time.perf_counter()
             code = "OK"
+            rpc = self.metrics.rpc(name)
+            rpc.running.inc()
             try:
                 return fn(self, request, context)
             except E.RecpsError as e:
@@ -310,10 +310,8 @@ def rpc_handler(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
                 log.exception("%s failed", name)
                 abort(context, E.RecpsError(f"{name}: internal error: {type(e).__name__}: {e}"))
             finally:
-                observe = observers.get(code)
-                if observe is None:  # .labels() takes a lock and builds a key: once per code
-                    observe = observers[code] = self.metrics.latency.labels(name, code).observe
-                observe(time.perf_counter() - t0)
+                rpc.observe(code, time.perf_counter() - t0)
+                rpc.running.dec()
 
         return handler
 

@@ -390,7 +390,9 @@ def test_push_dedup_across_kill9(ps_group: ShardGroup) -> None:
 
 def test_graceful_shutdown_finishes_inflight_and_flushes(ps_group: ShardGroup) -> None:
     # async durability with a timer that never fires: only the shutdown flush persists rows.
-    cluster = ps_group.start(2, "--flush-interval-ms", "3600000", "--memory-mb", "64")
+    cluster = ps_group.start(
+        2, "--flush-interval-ms", "3600000", "--memory-mb", "64", "--metrics-port", "0"
+    )
     cfg = TableConfig("gs", dim=16, optimizer=OptimizerConfig("adam", lr=0.01))
     ref = Reference([cfg])
     rng = np.random.default_rng(5)
@@ -428,17 +430,26 @@ def test_graceful_shutdown_finishes_inflight_and_flushes(ps_group: ShardGroup) -
         big = big[owner_of("gs", big, m) == 0][: 4 * 250_000].reshape(4, -1)
         stub = cluster.stub(0)
         stub.GetShardMap(ps_pb2.GetShardMapRequest(), timeout=30)  # connection is up
-        heavy = [
-            stub.Lookup.future(
-                ps_pb2.LookupRequest(
-                    shard_map_epoch=m.epoch,
-                    tables=[ps_pb2.TableIds(table="gs", ids=part.tobytes())],
-                ),
-                timeout=60,
+        heavy_requests = [
+            ps_pb2.LookupRequest(
+                shard_map_epoch=m.epoch, tables=[ps_pb2.TableIds(table="gs", ids=part.tobytes())]
             )
             for part in big
         ]
-        time.sleep(0.25)
+
+        # SIGTERM only once the shard has taken all four: a request still on the wire when
+        # shutdown begins is refused (correctly), which is not what this test is about.
+        def taken(m: dict[str, dict]) -> float:
+            running = m.get("recps_rpc_in_progress", {}).get((("rpc", "Lookup"),), 0)
+            ended = m.get("recps_rpc_latency_seconds_count", {})
+            return running + ended.get((("code", "OK"), ("rpc", "Lookup")), 0)
+
+        base = taken(_scrape(target.metrics_port))
+        heavy = [stub.Lookup.future(r, timeout=60) for r in heavy_requests]
+        deadline = time.monotonic() + 30
+        while taken(_scrape(target.metrics_port)) < base + len(heavy):
+            assert time.monotonic() < deadline, "the heavy lookups never all reached the shard"
+            time.sleep(0.005)
         sigterm_at = time.monotonic()
         target.kill(signal.SIGTERM, wait=False)
         done_at = {}
