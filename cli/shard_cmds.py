@@ -1,7 +1,10 @@
-"""`recps shard add|remove`: grow or shrink a local `recps cluster up` cluster by one
-shard, live. Thin glue over :func:`recps.ps.cluster.add_shards` /
-:func:`~recps.ps.cluster.remove_shards` (processes), :func:`recps.ps.migration.join_shards`
-(the map) and a rebalance plan + apply (the slots).
+"""`recps shard add|remove`: grow or shrink a running cluster by one shard, live: a
+`recps cluster up` cluster (shard processes) or a Ray job's (shard actors).
+
+Thin glue over :func:`recps.ps.cluster.add_shards` / :func:`~recps.ps.cluster.remove_shards`
+(processes), :func:`recps.worker.ray_cluster.add_shard_actors` /
+:func:`~recps.worker.ray_cluster.remove_shard_actors` (actors),
+:func:`recps.ps.migration.join_shards` (the map) and a rebalance plan + apply (the slots).
 
 Exit codes, for scripts:
     0  done
@@ -18,15 +21,18 @@ from typing import Any
 from recps.cli.rebalance_cmds import _cluster_args, _cluster_file, _fail, progress_bar
 
 _ADD_EPILOG = """\
-Starts a new shard process on this machine with the cluster's settings (its data in
-D/shard-<id>, its log in D/shard-<id>/shard.log), creates every table on it and adds it
-to the shard map owning no slot: clients route nothing to it yet. With --rebalance (and
---yes) it then plans and applies a rebalance over all shards (as `recps rebalance plan`
-+ `apply`), moving slots to it while the cluster serves.
+Starts a new shard with the cluster's settings, creates every table on it and adds it
+to the shard map owning no slot: clients route nothing to it yet. For a `recps cluster
+up` cluster it is a process on this machine (its data in D/shard-<id>, its log in
+D/shard-<id>/shard.log); for a training job on Ray (the cluster file `recps train`
+writes in its data_dir) it is a new actor on that Ray cluster, stopped with the job.
+With --rebalance (and --yes) it then plans and applies a rebalance over all shards (as
+`recps rebalance plan` + `apply`), moving slots to it while the cluster serves.
 
 Example:
   recps shard add --data-dir /tmp/recps
   recps shard add --data-dir /tmp/recps --rebalance --by rows --yes
+  recps shard add --cluster-file /tmp/job/cluster.json --rebalance --yes   # a Ray job
 
 Exit codes: 0 added (and rebalanced); 1 the shard did not start, or the rebalance
 stopped mid-way (re-run `recps rebalance apply`); 2 bad arguments, no cluster, no --yes
@@ -35,8 +41,9 @@ with --rebalance."""
 _REMOVE_EPILOG = """\
 Drains the shard: plans a rebalance onto the other shards (its slots go to the least
 loaded ones, --by rows|bytes|qps) and applies it live, drops the shard from the map, then
-stops its process (SIGTERM: flush and close). Its data directory stays on disk. Safe to
-re-run after a failure: it continues where it stopped.
+stops its process (SIGTERM: flush and close; on Ray, the actor's graceful stop, then the
+actor is killed). Its data directory stays on disk. Safe to re-run after a failure: it
+continues where it stopped.
 
 Example:
   recps shard remove --shard 2 --data-dir /tmp/recps --yes
@@ -49,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     shard = sub.add_parser(
         "shard",
-        help="add or remove a shard of a local cluster, live",
+        help="add or remove a shard of a running cluster (local or Ray), live",
         epilog="Example: recps shard add --data-dir /tmp/recps --rebalance --yes",
     )
     actions = shard.add_subparsers(dest="shard_action", metavar="ACTION", required=True)
@@ -125,7 +132,12 @@ def _cmd_add(args: argparse.Namespace) -> int:
         return _fail(str(e), 2)
     report: dict[str, Any] = {"shard_id": sid}
     try:
-        report["address"] = cluster.add_shards(path, [sid])[sid]
+        if info.get("ray"):  # a Ray job's cluster: a new actor of that job
+            from recps.worker.ray_cluster import add_shard_actors
+
+            report["address"] = add_shard_actors(path, [sid])[sid]
+        else:
+            report["address"] = cluster.add_shards(path, [sid])[sid]
         m = join_shards(path, {sid: report["address"]})
         report["epoch"] = m.epoch
         lines = [f"shard {sid} started at {report['address']}; in the map (epoch {m.epoch})"]
@@ -179,7 +191,14 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         if sid in m.shards:
             reb = _rebalance(path, rest, {}, args)
             report["rebalance"] = reb
-        report["stopped"] = cluster.remove_shards(path, [sid])[sid] if sid in local else None
+        if sid not in local:
+            report["stopped"] = None
+        elif info.get("ray"):
+            from recps.worker.ray_cluster import remove_shard_actors
+
+            report["stopped"] = remove_shard_actors(path, [sid])[sid]
+        else:
+            report["stopped"] = cluster.remove_shards(path, [sid])[sid]
     except ConfigError as e:
         return _fail(str(e), 2)
     except RecpsError as e:

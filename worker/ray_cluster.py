@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import socket
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -330,6 +332,26 @@ class PSShard:
 # The actor class. Options (CPUs, restarts, placement) are set per start in RayPSCluster.
 PSShardActor = ray.remote(PSShard)
 
+# Shard actors are named in this namespace, whatever the job's: an ops command is another
+# Ray driver, and finds them only by (namespace, name).
+RAY_NAMESPACE = "recps"
+
+
+def actor_name(cluster_id: str, shard_id: int) -> str:
+    return f"recps-ps-{cluster_id}-{shard_id}"
+
+
+@contextlib.contextmanager
+def cluster_file_lock(path: Path) -> Iterator[None]:
+    """The lock every writer of a cluster file takes (the coordinator's publish too)."""
+    with open(path.parent / ".cluster.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _gcs_address() -> str:
+    return str(getattr(ray.get_runtime_context(), "gcs_address", "") or "")
+
 
 # ---- the shard group ----------------------------------------------------------------------------
 
@@ -427,8 +449,10 @@ class RayPSCluster:
         actors: list[Any],
         infos: list[dict[str, Any]],
         shard_map: ShardMap,
+        cluster_id: str = "",
     ) -> None:
         self.config = config
+        self.cluster_id = cluster_id
         self.placement_group = pg
         self.actors = actors
         self.infos = infos
@@ -446,8 +470,9 @@ class RayPSCluster:
             raise E.ConfigError("Ray is not running in this process; call init_ray() first")
         host = config.host if config.host is not None else _default_host()
         bundles = [{"CPU": float(config.cpus_per_shard)}] * config.num_shards
+        cluster_id = uuid.uuid4().hex[:8]
         pg = placement_group(
-            bundles, strategy=config.placement_strategy, name=f"recps-ps-{uuid.uuid4().hex[:8]}"
+            bundles, strategy=config.placement_strategy, name=f"recps-ps-{cluster_id}"
         )
         try:
             ray.get(pg.ready(), timeout=config.ready_timeout_s)
@@ -457,6 +482,9 @@ class RayPSCluster:
             raise PlacementError(bundles, config.placement_strategy, free) from None
         actors = [
             PSShardActor.options(
+                # Named, so that `recps shard remove` (another Ray driver) can stop it.
+                name=actor_name(cluster_id, i),
+                namespace=RAY_NAMESPACE,
                 num_cpus=config.cpus_per_shard,
                 max_restarts=config.max_restarts,
                 max_task_retries=0,  # a call cut by a crash fails; the caller decides
@@ -480,7 +508,7 @@ class RayPSCluster:
         except BaseException:
             _teardown(actors, pg)
             raise
-        return cls(config, pg, actors, infos, shard_map)
+        return cls(config, pg, actors, infos, shard_map, cluster_id)
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -506,10 +534,32 @@ class RayPSCluster:
         return PSClient(self._map, config)
 
     def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Every shard's :meth:`PSShard.ready` (waiting out restarts); updates ``infos``."""
-        self.infos = _ready_all(self.actors, timeout_s or self.config.ready_timeout_s)
-        self._known_pids.update({int(i["pid"]): i["node_ip"] for i in self.infos})
+        """Every shard's :meth:`PSShard.ready` (waiting out restarts); updates ``infos``.
+
+        A shard of this job that `recps shard remove` drained out of the map is skipped
+        (its actor is gone); its last info stays.
+        """
+        in_map = set(self._newest_map().shards)
+        ids = [i for i in range(len(self.actors)) if i in in_map]
+        got = dict(zip(ids, _ready_all([self.actors[i] for i in ids], self._timeout(timeout_s))))
+        self.infos = [got.get(i, info) for i, info in enumerate(self.infos)]
+        self._known_pids.update({int(i["pid"]): i["node_ip"] for i in got.values()})
         return self.infos
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        return timeout_s or self.config.ready_timeout_s
+
+    def _newest_map(self) -> ShardMap:
+        """The newest of the map held here and those in the cluster files written: `recps
+        shard add|remove` and `recps rebalance` change the map from other processes."""
+        for path in self._cluster_files:
+            try:
+                m = ShardMap.from_dict(json.loads(path.read_text())["shard_map"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if m.epoch > self._map.epoch:
+                self._map = m
+        return self._map
 
     def refresh(self, timeout_s: float | None = None) -> ShardMap:
         """After restarts: re-issue the map if a shard serves on a new address.
@@ -518,7 +568,9 @@ class RayPSCluster:
         is installed on every shard and written to the cluster files written before.
         """
         self.wait_ready(timeout_s)
-        new = _settle_map(self.infos, self.config, current=self._map)
+        in_map = set(self._map.shards)
+        mine = [i for i in self.infos if int(i["shard_id"]) in in_map]
+        new = _settle_map(mine, self.config, current=self._map)
         if new.epoch != self._map.epoch:
             log.warning("shard addresses changed; shard map re-issued at epoch %d", new.epoch)
         self._map = new
@@ -543,10 +595,18 @@ class RayPSCluster:
         return path
 
     def _write_cluster_file(self, path: Path) -> None:
-        infos = {int(i["shard_id"]): i for i in self.infos}
-        content = {
-            "shard_map": self._map.to_dict(),
-            "shards": [
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with cluster_file_lock(path):
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if isinstance(old.get("shard_map"), dict):
+                theirs = ShardMap.from_dict(old["shard_map"])
+                if theirs.epoch > self._map.epoch:  # a rebalance or `shard add` since
+                    self._map = theirs
+            infos = {int(i["shard_id"]): i for i in self.infos}
+            mine = [
                 {
                     "shard_id": sid,
                     "address": self._map.shards[sid],
@@ -555,26 +615,39 @@ class RayPSCluster:
                     "node_ip": infos[sid]["node_ip"],
                     "log": None,  # in Ray's session logs (worker-*.err of that pid)
                     "metrics_port": None,
+                    "ray_actor": actor_name(self.cluster_id, sid) if self.cluster_id else None,
                 }
-                for sid in sorted(self._map.shards)
-            ],
-            "data_dir": self.config.data_dir,
-            "settings": {
-                "memory_mb": self.config.memory_mb,
-                "durability": self.config.durability,
-                "metrics": False,
-            },
-            "ray": {
-                "placement_group": self.placement_group.id.hex(),
-                "strategy": self.config.placement_strategy,
-            },
-            "created_at": self.created_at,
-            "updated_at": time.time(),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(content, indent=1) + "\n")
-        os.replace(tmp, path)
+                for sid in sorted(infos)
+                if sid in self._map.shards
+            ]
+            # Shards that `recps shard add` started (detached actors) are theirs to list.
+            added = [s for s in old.get("shards", []) if s.get("detached")]
+            content = {
+                "shard_map": self._map.to_dict(),
+                "shards": sorted(mine + added, key=lambda s: int(s["shard_id"])),
+                "data_dir": self.config.data_dir,
+                "settings": {
+                    "memory_mb": self.config.memory_mb,
+                    "durability": self.config.durability,
+                    "metrics": False,
+                    "cpus_per_shard": self.config.cpus_per_shard,
+                    "max_restarts": self.config.max_restarts,
+                    "flush_interval_ms": self.config.flush_interval_ms,
+                    "host": self.config.host,
+                },
+                "ray": {
+                    "address": _gcs_address(),
+                    "namespace": RAY_NAMESPACE,
+                    "cluster_id": self.cluster_id,
+                    "placement_group": self.placement_group.id.hex(),
+                    "strategy": self.config.placement_strategy,
+                },
+                "created_at": self.created_at,
+                "updated_at": time.time(),
+            }
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(content, indent=1) + "\n")
+            os.replace(tmp, path)
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -601,6 +674,9 @@ class RayPSCluster:
             except RayActorError as e:
                 report[sid] = f"was not running ({type(e).__name__}); killed"
         _teardown(self.actors, self.placement_group)
+        for path in self._cluster_files:  # and the ones `recps shard add` started
+            for sid, outcome in _stop_added(path, timeout_s).items():
+                report[sid] = outcome
         here = ray.util.get_node_ip_address()
         local = [pid for pid, ip in self._known_pids.items() if ip == here]
         deadline = time.monotonic() + 10.0
@@ -661,14 +737,19 @@ def _settle_map(
         new = ShardMap.even([addresses[i] for i in sorted(addresses)], config.num_slots)
     else:
         old = max(known, key=lambda m: m.epoch)
-        if set(old.shards) != set(addresses):
+        if current is None and set(old.shards) != set(addresses):
             raise E.ConfigError(
                 f"{config.data_dir} holds a PS cluster of {len(old.shards)} shards, not "
                 f"{len(addresses)}; start it with num_shards={len(old.shards)} or use a new "
                 "data_dir"
             )
-        new = old if old.shards == addresses else old.replace(shards=addresses)
+        # While running, the map may also name shards that `recps shard add` started:
+        # they keep their addresses.
+        merged = {**old.shards, **addresses}
+        new = old if old.shards == merged else old.replace(shards=merged)
     stale = [addresses[s] for s, m in sorted(held.items()) if m.epoch < new.epoch]
+    if known and new is not old:  # re-issued: the added shards need it too
+        stale += [a for s, a in sorted(new.shards.items()) if s not in held]
     if stale:
         with PSClient(new, ClientConfig(timeout_s=10.0, max_retries=5)) as client:
             client.install_shard_map(new, stale)
@@ -681,3 +762,173 @@ def _teardown(actors: list[Any], pg: PlacementGroup) -> None:
             ray.kill(a, no_restart=True)
     with contextlib.suppress(Exception):
         remove_placement_group(pg)
+
+
+# ---- shards added to a running job (`recps shard add|remove`) -------------------------------
+
+
+@contextlib.contextmanager
+def _ray_of(info: dict[str, Any]) -> Iterator[None]:
+    """Connected to the Ray cluster a cluster file names (as a second driver, unless this
+    process is connected already); disconnects after. Detached actors outlive it."""
+    ray_info = info.get("ray") or {}
+    if ray.is_initialized():
+        yield
+        return
+    address = ray_info.get("address")
+    if not address:
+        raise E.ConfigError("the cluster file names no Ray address; is its job still running?")
+    init_ray(address)
+    try:
+        yield
+    finally:
+        shutdown_ray()
+
+
+def add_shard_actors(
+    cluster_file: str | Path, shard_ids: list[int], ready_timeout_s: float = 120.0
+) -> dict[int, str]:
+    """Start shards ``shard_ids`` as new actors of the Ray job whose cluster file this is;
+    returns their addresses. They own no slot (``recps.ps.migration.join_shards`` and a
+    rebalance give them some) and are listed in the cluster file.
+
+    They are *detached* actors with the job's settings, outside its placement group
+    (that group's bundles are fixed when the job starts); the job's shutdown stops them.
+    A shard already running under its name is left as it is.
+
+    Example:
+        >>> add_shard_actors("/tmp/job/cluster.json", [2])  # doctest: +SKIP
+        {2: '127.0.0.1:41237'}
+    """
+    from recps.ps.cluster import read_cluster_file
+
+    path = Path(cluster_file).resolve()
+    info = read_cluster_file(path)
+    r, st = info.get("ray") or {}, info.get("settings") or {}
+    if not r.get("cluster_id"):
+        raise E.ConfigError(f"{path} is not the cluster file of a Ray job")
+    m = ShardMap.from_dict(info["shard_map"])
+    host = st.get("host")
+    out: dict[int, str] = {}
+    with _ray_of(info):
+        host = host if host is not None else _default_host()
+        started = []
+        for sid in sorted(set(shard_ids)):
+            name = actor_name(r["cluster_id"], sid)
+            with contextlib.suppress(ValueError):  # ValueError: no actor of that name
+                started.append((sid, name, ray.get_actor(name, namespace=RAY_NAMESPACE)))
+                continue
+            actor = PSShardActor.options(
+                name=name,
+                namespace=RAY_NAMESPACE,
+                lifetime="detached",
+                num_cpus=float(st.get("cpus_per_shard", 1.0)),
+                max_restarts=int(st.get("max_restarts", 3)),
+                max_task_retries=0,
+            ).remote(
+                sid,
+                str(Path(info["data_dir"]) / f"shard-{sid}"),
+                host=host,
+                num_slots=m.num_slots,
+                memory_mb=int(st.get("memory_mb", 256)),
+                durability=st.get("durability", "async"),
+                flush_interval_ms=int(st.get("flush_interval_ms", 5000)),
+            )
+            started.append((sid, name, actor))
+        try:
+            infos = _ready_all([a for _, _, a in started], ready_timeout_s)
+        except BaseException:
+            for _, _, a in started:
+                with contextlib.suppress(Exception):
+                    ray.kill(a, no_restart=True)
+            raise
+        with cluster_file_lock(path):
+            info = read_cluster_file(path)
+            entries = {int(s["shard_id"]): s for s in info["shards"]}
+            for (sid, name, _), got in zip(started, infos):
+                out[sid] = str(got["address"])
+                entries[sid] = {
+                    "shard_id": sid,
+                    "address": out[sid],
+                    "pid": int(got["pid"]),
+                    "data_dir": got["data_dir"],
+                    "node_ip": got["node_ip"],
+                    "log": None,
+                    "metrics_port": None,
+                    "ray_actor": name,
+                    "detached": True,
+                }
+            info["shards"] = [entries[k] for k in sorted(entries)]
+            info["updated_at"] = time.time()
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(info, indent=1) + "\n")
+            os.replace(tmp, path)
+    return out
+
+
+def remove_shard_actors(
+    cluster_file: str | Path, shard_ids: list[int], timeout_s: float = 30.0
+) -> dict[int, str]:
+    """Stop the actors of drained shards (refused while the map still names them: drain
+    first) and drop them from the cluster file; their data directories stay. Works for
+    the job's own shards too (their actors are named). Shard id -> outcome."""
+    from recps.ps.cluster import read_cluster_file
+
+    path = Path(cluster_file).resolve()
+    info = read_cluster_file(path)
+    still = sorted(set(shard_ids) & set(ShardMap.from_dict(info["shard_map"]).shards))
+    if still:
+        raise E.ConfigError(f"shards {still} are still in the shard map; drain them first")
+    entries = {int(s["shard_id"]): s for s in info["shards"]}
+    out: dict[int, str] = {}
+    with _ray_of(info):
+        for sid in shard_ids:
+            name = (entries.get(sid) or {}).get("ray_actor")
+            out[sid] = _stop_actor(name, timeout_s) if name else "not a Ray actor; not stopped"
+    with cluster_file_lock(path):
+        info = read_cluster_file(path)
+        info["shards"] = [s for s in info["shards"] if int(s["shard_id"]) not in shard_ids]
+        info["updated_at"] = time.time()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
+        os.replace(tmp, path)
+    return out
+
+
+def _stop_actor(name: str, timeout_s: float) -> str:
+    """Graceful stop (flush, close), then kill for good; waits until its process is gone
+    when it runs on this node."""
+    try:
+        actor = ray.get_actor(name, namespace=RAY_NAMESPACE)
+    except ValueError:
+        return "was not running"
+    pid, ip = None, None
+    try:
+        got = ray.get(actor.ready.remote(), timeout=timeout_s)
+        pid, ip = int(got["pid"]), got["node_ip"]
+        ray.get(actor.stop.remote(), timeout=timeout_s)
+        outcome = "stopped"
+    except (GetTimeoutError, RayActorError) as e:
+        outcome = f"did not stop ({type(e).__name__}); killed"
+    with contextlib.suppress(Exception):
+        ray.kill(actor, no_restart=True)
+    if pid is not None and ip == ray.util.get_node_ip_address():
+        deadline = time.monotonic() + 10.0
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            outcome += f"; pid {pid} still running"
+    return outcome
+
+
+def _stop_added(path: Path, timeout_s: float) -> dict[int, str]:
+    """Stop the detached shard actors a cluster file lists (the job is ending)."""
+    try:
+        shards = json.loads(path.read_text()).get("shards", [])
+    except (OSError, ValueError):
+        return {}
+    return {
+        int(s["shard_id"]): _stop_actor(s["ray_actor"], timeout_s)
+        for s in shards
+        if s.get("detached") and s.get("ray_actor")
+    }

@@ -9,9 +9,12 @@ on the same data directory with the same map and data.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +32,11 @@ from recps.ps.config import ClientConfig
 from recps.ps.routing import ShardMap
 from recps.worker.job_config import JobClusterConfig
 from recps.worker.ray_cluster import (
+    RAY_NAMESPACE,
     PlacementError,
     RayPSCluster,
     RayPSConfig,
+    add_shard_actors,
     init_ray,
     shutdown_ray,
     start_ps_shards,
@@ -244,6 +249,72 @@ def test_restart_on_a_taken_port_reissues_the_map(state: dict[str, Any]) -> None
         round_trip(c, ref, np.random.default_rng(2), "after the map was re-issued")
         assert c.shard_map.epoch == 2
         c.close()
+
+
+def _recps(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recps.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def _all_rows(client: PSClient, ref: Reference, what: str) -> None:
+    for t, store in ref.stores.items():
+        ids = np.concatenate([b.ids for b in store.items()])
+        assert_same(client.lookup({t: ids}), {t: store.lookup(ids)}, f"{what}: table {t}")
+
+
+def test_shard_add_and_remove_through_the_cli(state: dict[str, Any]) -> None:
+    """`recps shard add` on a Ray job's cluster file starts a new actor on that Ray (a
+    second driver), rebalances onto it live; `recps shard remove` drains and stops it."""
+    ps: RayPSCluster = state["ps"]
+    ref: Reference = state["ref"]
+    path = state["root"] / "cluster.json"  # written by the tests above
+    r = _recps("shard", "add", "--cluster-file", str(path), "--rebalance", "--yes", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    added = json.loads(r.stdout)
+    info = read_cluster_file(path)
+    m = ShardMap.from_dict(info["shard_map"])
+    assert added["shard_id"] == 2 and added["rebalance"]["moved_slots"] > 0
+    assert sorted(m.shards) == [0, 1, 2] and int((m.slot_owner == 2).sum()) > 0
+    (entry,) = [s for s in info["shards"] if s["shard_id"] == 2]
+    assert entry["detached"] and entry["address"] == added["address"] == m.shards[2]
+    state["pids"].add(entry["pid"])
+    actor = ray.get_actor(entry["ray_actor"], namespace=RAY_NAMESPACE)
+    assert ray.get(actor.ready.remote())["pid"] == entry["pid"] and alive(entry["pid"])
+    assert ps.refresh() == m  # the job follows the map the ops command changed
+    with PSClient(path, PATIENT) as client:
+        _all_rows(client, ref, "on 3 shards")
+        round_trip(client, ref, np.random.default_rng(3), "on 3 shards")
+        st = client.stats(fresh_slot_rows=True)[2]
+        assert st.shard_id == 2 and sum(st.slot_rows) > 0  # the moved rows live there
+
+    r = _recps("shard", "remove", "--shard", "2", "--cluster-file", str(path), "--yes", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["stopped"] == "stopped"
+    assert not alive(entry["pid"])
+    with pytest.raises(ValueError):
+        ray.get_actor(entry["ray_actor"], namespace=RAY_NAMESPACE)
+    info = read_cluster_file(path)
+    assert sorted(ShardMap.from_dict(info["shard_map"]).shards) == [0, 1]
+    assert [s["shard_id"] for s in info["shards"]] == [0, 1]
+    assert sorted(ps.refresh().shards) == [0, 1]
+    with PSClient(path, PATIENT) as client:
+        _all_rows(client, ref, "back on 2 shards")
+
+
+def test_the_jobs_shutdown_stops_shards_added_to_it(state: dict[str, Any]) -> None:
+    root = state["root"] / "other"
+    other = start_ps_shards(1, root / "ps", cpus_per_shard=0.25, memory_mb=16, num_slots=16)
+    path = other.write_cluster_file(root / "cluster.json")
+    got = add_shard_actors(path, [1])
+    (entry,) = [s for s in read_cluster_file(path)["shards"] if s["shard_id"] == 1]
+    assert got == {1: entry["address"]} and alive(entry["pid"])
+    report = other.shutdown()
+    assert report == {0: "stopped", 1: "stopped"}
+    assert not alive(entry["pid"]) and holders_of(root) == []
 
 
 def test_placement_error_names_the_shortfall(state: dict[str, Any]) -> None:
