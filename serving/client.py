@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -184,14 +184,7 @@ class ServingClient:
         Missing ids come back as the table's default vector (the replica decides).
         """
         assert self._map is not None
-        uniq: dict[str, np.ndarray] = {}
-        inverse: dict[str, np.ndarray | None] = {}
-        for t, ids in batch.items():
-            a = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).reshape(-1)
-            if len(a) < 2 or bool((a[1:] > a[:-1]).all()):  # already unique (the Ranker's)
-                uniq[t], inverse[t] = a, None
-            else:
-                uniq[t], inverse[t] = np.unique(a, return_inverse=True)
+        uniq, expand = dedup_tables(batch)
         tried_full: set[str] = set()
         last_error: Exception | None = None
         # The common deployment: replicas that hold every shard. One RPC to one of them,
@@ -209,7 +202,7 @@ class ServingClient:
                 last_error = e.error
                 tried_full.add(r.address)
                 continue
-            return {t: _expand(got[t][1], inverse[t]) for t in uniq}
+            return expand({t: got[t][1] for t in uniq})
         shard_of = {}
         for t, u in uniq.items():
             shard_of[t] = self._map.slot_owner[slot_of(t, u, self._map.num_slots)].astype(np.int64)
@@ -260,11 +253,9 @@ class ServingClient:
             raise E.ShardUnavailableError(
                 f"no replica could answer serving shards {pending}: {last_error}"
             )
-        out = {}
-        for t in uniq:
-            r = rows[t]
-            out[t] = _expand(np.zeros((0, 0), np.float32) if r is None else r, inverse[t])
-        return out
+        return expand(
+            {t: np.zeros((0, 0), np.float32) if r is None else r for t, r in rows.items()}
+        )
 
     def _call(
         self,
@@ -354,12 +345,69 @@ class ServingClient:
         self.close()
 
 
-def _expand(rows: np.ndarray, inverse: np.ndarray | None) -> np.ndarray:
-    """Rows of the unique ids back in the caller's order (a copy: never a view of a
-    response buffer)."""
-    if inverse is None:
-        return rows if rows.flags.writeable else rows.copy()
-    return rows.take(inverse, axis=0)
+def dedup_tables(
+    batch: Mapping[str, Any],
+) -> tuple[dict[str, np.ndarray], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+    """Sorted unique ids per table, with one sort for all tables, and the function that
+    turns the unique ids' rows back into rows in the caller's order.
+
+    A ranking request has ~26 small tables: one ``np.unique`` each costs ~20 us, most of
+    it per call; one lexsort over (table, id) of the concatenation does them all. Tables
+    whose ids are already strictly increasing (the Ranker sends them so) are left alone.
+    Expanded rows are copies, never views of a response buffer.
+
+    Example:
+        >>> u, expand = dedup_tables({"a": [5, 3, 5], "b": [7]})
+        >>> {t: v.tolist() for t, v in u.items()}
+        {'a': [3, 5], 'b': [7]}
+        >>> expand({"a": np.array([[3.0], [5.0]]), "b": np.array([[7.0]])})["a"].ravel().tolist()
+        [5.0, 3.0, 5.0]
+    """
+    names = list(batch)
+    arrays = [np.ascontiguousarray(np.asarray(batch[t]), dtype=np.int64).reshape(-1) for t in names]
+    todo = [k for k, a in enumerate(arrays) if len(a) > 1 and not bool((a[1:] > a[:-1]).all())]
+    uniq = dict(zip(names, arrays))
+    if not todo:
+        return uniq, _copies
+    lens = np.array([len(arrays[k]) for k in todo], dtype=np.int64)
+    cat = np.concatenate([arrays[k] for k in todo])
+    seg = np.repeat(np.arange(len(todo), dtype=np.int64), lens)
+    order = np.lexsort((cat, seg))
+    ids, segs = cat.take(order), seg.take(order)
+    first = np.empty(len(ids), dtype=bool)
+    first[0] = True
+    np.not_equal(ids[1:], ids[:-1], out=first[1:])
+    first[1:] |= segs[1:] != segs[:-1]
+    inverse = np.empty(len(ids), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    counts = np.bincount(segs[first], minlength=len(todo))
+    ubounds = np.concatenate(([0], np.cumsum(counts)))
+    bounds = np.concatenate(([0], np.cumsum(lens)))
+    u = ids[first]
+    for j, k in enumerate(todo):
+        uniq[names[k]] = u[ubounds[j] : ubounds[j + 1]]
+    deduped = [names[k] for k in todo]
+    dedup_set = set(deduped)
+
+    def expand(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = _copies({t: r for t, r in rows.items() if t not in dedup_set})
+        dims = {rows[t].shape[1:] for t in deduped}
+        if len(dims) == 1:  # the usual case: one gather for every deduplicated table
+            allrows = np.concatenate([rows[t] for t in deduped]).take(inverse, axis=0)
+            for j, t in enumerate(deduped):
+                out[t] = allrows[bounds[j] : bounds[j + 1]]
+        else:
+            for j, t in enumerate(deduped):
+                inv = inverse[bounds[j] : bounds[j + 1]] - ubounds[j]
+                out[t] = rows[t].take(inv, axis=0)
+        return out
+
+    return uniq, expand
+
+
+def _copies(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows the caller may keep and write: response-buffer views are copied."""
+    return {t: r if r.flags.writeable else r.copy() for t, r in rows.items()}
 
 
 class _Done:
