@@ -193,24 +193,47 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+# (name, dim, dtype code) -> (encoded name field, encoded dim + dtype fields): the same
+# few tables answer every call, so their fixed parts are encoded once.
+_TABLE_PARTS: dict[tuple[str, int, int], tuple[bytes, bytes]] = {}
+_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
+
+
+def _table_parts(name: str, dim: int, code: int) -> tuple[bytes, bytes]:
+    key = (name, dim, code)
+    parts = _TABLE_PARTS.get(key)
+    if parts is None:
+        raw = name.encode()
+        head = _NAME + _varint(len(raw)) + raw if raw else b""
+        tail = (_DIM + _varint(dim) if dim else b"") + (_DTYPE + _varint(code) if code else b"")
+        parts = (head, tail)
+        if len(_TABLE_PARTS) < 4096:  # bounded: table names come from requests
+            _TABLE_PARTS[key] = parts
+    return parts
+
+
 def encode_lookup_response(tables: list[tuple[str, np.ndarray, int, int]]) -> bytes:
     """Serialized ``LookupResponse`` of ``(table, rows, dim, dtype_code)`` entries; rows
     are converted to the wire dtype named by ``dtype_code``."""
     parts: list[bytes | np.ndarray] = []
+    add = parts.append
+    small = _SMALL_VARINTS
     for name, rows, dim, code in tables:
         if rows.dtype != WIRE_DTYPES[code] or not rows.flags.c_contiguous:
             rows = np.ascontiguousarray(rows, dtype=wire_dtype(code, "rows"))
-        raw = name.encode()
-        head = [_NAME, _varint(len(raw)), raw] if raw else []
-        tail = [_DIM, _varint(dim)] if dim else []
-        if code:
-            tail += [_DTYPE, _varint(code)]
+        head, tail = _table_parts(name, dim, code)
         nbytes = rows.nbytes
         if nbytes:
-            head += [_ROWS, _varint(nbytes)]
-        size = sum(map(len, head)) + nbytes + sum(map(len, tail))
-        parts += [_TABLE_ROWS, _varint(size), *head]
+            rows_len = small[nbytes] if nbytes < 0x80 else _varint(nbytes)
+            size = len(head) + 1 + len(rows_len) + nbytes + len(tail)
+        else:
+            size = len(head) + len(tail)
+        add(_TABLE_ROWS)
+        add(small[size] if size < 0x80 else _varint(size))
+        add(head)
         if nbytes:
-            parts.append(rows)  # joined through the buffer protocol: the only copy
-        parts += tail
+            add(_ROWS)
+            add(rows_len)
+            add(rows)  # joined through the buffer protocol: the only copy
+        add(tail)
     return b"".join(parts)  # type: ignore[arg-type]

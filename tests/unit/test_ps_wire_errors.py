@@ -158,6 +158,13 @@ def test_plain_grpc_codes_map_to_a_recps_error(code, cls) -> None:
             ("x", np.ones((3, 200), np.float32), 200, ps_pb2.FLOAT16),
             ("ünï", np.ones((2, 2), np.float64)[:, :1], 1, ps_pb2.DTYPE_UNSPECIFIED),
         ],
+        # one-byte lengths, and a table whose size crosses to two bytes (124-byte rows)
+        [
+            ("", np.ones((1, 3), np.float32), 3, ps_pb2.FLOAT32),
+            ("s", np.ones((5, 5), np.float32), 5, ps_pb2.FLOAT32),
+            ("t", np.ones((31, 1), np.float32), 1, ps_pb2.FLOAT32),
+            ("z", np.ones((2, 0), np.float32), 0, ps_pb2.FLOAT32),
+        ],
     ],
 )
 def test_hand_encoded_lookup_response_is_protobufs_encoding(entries: list) -> None:
