@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-for _name in ("ps_harness", "serving_harness"):
+for _name in ("serving_harness", "ps_harness"):  # ps_harness imports serving_harness
     if _name not in sys.modules:
         _spec = importlib.util.spec_from_file_location(
             _name, Path(__file__).with_name(f"{_name}.py")

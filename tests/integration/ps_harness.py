@@ -12,18 +12,17 @@ shard through ``UpdateShardMap``::
 
 ``tests/integration/conftest.py`` wraps :class:`ShardGroup` in fixtures that kill every
 process the test started, whatever happened. Children also get ``PR_SET_PDEATHSIG``
-(Linux), so a pytest that is itself killed leaves no shard behind.
+(Linux; see ``serving_harness.spawn_module``), so a pytest that is itself killed leaves
+no shard behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from serving_harness import spawn_module
 
 from recps.embedding import MemoryStore, RowBatch, TableConfig
 from recps.proto import ps_pb2_grpc
@@ -42,17 +42,8 @@ from recps.ps.routing import ShardMap
 READY_TIMEOUT_S = 60.0  # liveness only; a shard is normally ready in about a second
 STOP_TIMEOUT_S = 30.0
 
+
 # Runs in the child before exec: die with the parent (pytest), then become the shard.
-_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "if sys.platform.startswith('linux'):\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG
-    "    if os.getppid() != int(sys.argv[1]):\n"
-    "        sys.exit(3)\n"  # the parent died before prctl took effect
-    "os.execv(sys.executable, [sys.executable, '-m', 'recps.ps.main', *sys.argv[2:]])\n"
-)
-
-
 @dataclass(frozen=True)
 class Security:
     """How the harness itself talks to secured shards (to install the shard map)."""
@@ -123,19 +114,9 @@ class Shard:
             str(self.port),
             *self.args,
         ]
-        log = open(self.log_path, "a")  # noqa: SIM115 - the child holds it; closed below
-        try:
+        with open(self.log_path, "a") as log:
             log.write(f"\n==== launch shard {self.shard_id}: {' '.join(argv)}\n")
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
-        finally:
-            log.close()
+        self.proc = spawn_module("recps.ps.main", argv, self.log_path)
         self._launched.append(self.proc)
         self._lines = queue.Queue()
         self.stopped_line = None

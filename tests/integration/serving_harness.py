@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,31 @@ _LAUNCHER = (
     "if sys.platform.startswith('linux'):\n"
     "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG
     "    if os.getppid() != int(sys.argv[1]):\n"
-    "        sys.exit(3)\n"
+    "        sys.exit(3)\n"  # the parent died before prctl took effect
     "os.execv(sys.executable, [sys.executable, '-m', sys.argv[2], *sys.argv[3:]])\n"
 )
+# Linux sends PR_SET_PDEATHSIG when the *thread* that forked the child ends, not its
+# process: a server started from a short-lived thread (a threading.Timer restarting a
+# shard mid-call) was SIGKILLed the moment that thread returned. One long-lived thread
+# forks every child.
+_SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="test-spawner")
+
+
+def spawn_module(module: str, argv: list[str], log: Path) -> subprocess.Popen[str]:
+    """``python -m module *argv`` that dies with this process, its stdout piped (text),
+    its stderr appended to ``log``."""
+
+    def popen() -> subprocess.Popen[str]:
+        with open(log, "a") as err:
+            return subprocess.Popen(
+                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), module, *argv],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+
+    return _SPAWNER.submit(popen).result()
 
 
 class ServiceProcess:
@@ -40,14 +63,7 @@ class ServiceProcess:
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> ServiceProcess:
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), self.module, *self.argv],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
+        self.proc = spawn_module(self.module, self.argv, self.log)
         threading.Thread(target=self._read, daemon=True).start()
         try:
             event = self.events.get(timeout=timeout_s)

@@ -40,14 +40,6 @@ def test_empty_lookup_of_unknown_table_raises(ps_group: ShardGroup) -> None:
         client.lookup({"nope": np.array([], dtype=np.int64)})
 
 
-# slow: as an expected failure it spends ~30 s of every default run waiting to fail; run
-# it with `make test-slow` while diagnosing.
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="undiagnosed: Stats still sees UNAVAILABLE ~30 s after shard.restart() from a "
-    "timer thread; the retry logic itself is covered by tests/unit/test_ps_client_retry.py",
-)
 def test_control_plane_rides_out_a_restart(ps_group: ShardGroup) -> None:
     cluster = ps_group.start(2)
     with cluster.client(max_retries=60, backoff_max_s=0.5) as client:

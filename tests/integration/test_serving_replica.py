@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving_harness import spawn_module
 
 from recps.embedding import errors as E
 from recps.embedding.config import InitializerConfig
@@ -144,16 +145,6 @@ def _swap_tables(ids: dict[str, np.ndarray], version: int) -> dict[str, Any]:
 
 # ---- replica processes -----------------------------------------------------------------------
 
-# Runs in the child before exec: die with the parent (pytest), then become the replica.
-_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "if sys.platform.startswith('linux'):\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG
-    "    if os.getppid() != int(sys.argv[1]):\n"
-    "        sys.exit(3)\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'recps.serving.main', *sys.argv[2:]])\n"
-)
-
 
 class Replica:
     """One ``recps.serving.main`` process; ``start`` again reuses port and data dir."""
@@ -174,14 +165,7 @@ class Replica:
     def start(self) -> dict[str, Any]:
         argv = ["--model", str(self.model), "--data-dir", str(self.data_dir)]
         argv += ["--port", str(self.port), "--cache-rows", "2000", *self.args]
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
+        self.proc = spawn_module("recps.serving.main", argv, self.log)
         self.events = queue.Queue()
         threading.Thread(target=self._read, args=(self.proc, self.events), daemon=True).start()
         event = self.next_event(READY_TIMEOUT_S)
