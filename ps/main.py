@@ -36,11 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=8)
     p.add_argument("--max-message-mb", type=int, default=256)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port; 0 = any")
-    p.add_argument("--auth-token", default=None, help="require this bearer token")
-    p.add_argument("--auth-token-file", default=None, help="read the bearer token from a file")
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--tls-client-ca", default=None, help="require client certs (mTLS)")
+    add_security_arguments(p)
     p.add_argument(
         "--delta-dir", default=None, help="publish changed rows here for serving replicas"
     )
@@ -59,7 +55,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(a: argparse.Namespace) -> ServerConfig:
+def add_security_arguments(p: argparse.ArgumentParser) -> None:
+    """Bearer token and TLS flags, the same on every recps gRPC server process."""
+    p.add_argument("--auth-token", default=None, help="require this bearer token")
+    p.add_argument("--auth-token-file", default=None, help="read the bearer token from a file")
+    p.add_argument("--tls-cert", default=None, help="server certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None, help="require client certs (mTLS)")
+
+
+def security_from_args(a: argparse.Namespace) -> tuple[TlsConfig | None, str | None]:
+    """(server TLS or None, bearer token or None) from :func:`add_security_arguments`."""
     token = a.auth_token
     if a.auth_token_file:
         with open(a.auth_token_file) as f:
@@ -67,6 +73,11 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
     tls = None
     if a.tls_cert or a.tls_key:
         tls = TlsConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
+    return tls, token
+
+
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    tls, token = security_from_args(a)
     return ServerConfig(
         data_dir=a.data_dir,
         shard_id=a.shard_id,

@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 
-from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
+from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES
+from recps.ps.main import add_security_arguments, security_from_args
 from recps.serving.replica import ReplicaConfig
 
 
@@ -62,21 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=8)
     p.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES >> 20)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port; 0 = any")
-    p.add_argument("--auth-token", default=None, help="require this bearer token")
-    p.add_argument("--auth-token-file", default=None, help="read the bearer token from a file")
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--tls-client-ca", default=None, help="require client certs (mTLS)")
+    add_security_arguments(p)
 
 
 def config_from_args(a: argparse.Namespace) -> ReplicaConfig:
-    token = a.auth_token
-    if a.auth_token_file:
-        with open(a.auth_token_file) as f:
-            token = f.read().strip()
-    tls = None
-    if a.tls_cert or a.tls_key:
-        tls = TlsConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
+    tls, token = security_from_args(a)
     return ReplicaConfig(
         model=a.model,
         data_dir=a.data_dir,
