@@ -193,6 +193,7 @@ class EmbeddingStore(ABC):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_sweep = self._clock()
+        self._expiry_listener: Callable[[np.ndarray], None] | None = None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -340,9 +341,18 @@ class EmbeddingStore(ABC):
             self._check_open()
             now = self._clock() if now is None else now
             self._last_sweep = now
-            n = self._expire(now - ttl)
-            self._stats.expired_rows += n
-            return n
+            ids = self._expire(now - ttl)
+            self._stats.expired_rows += len(ids)
+            listener = self._expiry_listener
+            if listener is not None and len(ids):
+                listener(ids)
+            return len(ids)
+
+    def set_expiry_listener(self, listener: Callable[[np.ndarray], None] | None) -> None:
+        """Call ``listener(ids)`` with the ids of the rows each TTL sweep deletes (under
+        the store lock: keep it quick). A training shard publishes them to serving as
+        deletions."""
+        self._expiry_listener = listener
 
     def set_admission(self, admission: AdmissionConfig) -> None:
         """Change the admission policy now. It lasts until the store is reopened: the
@@ -474,7 +484,8 @@ class EmbeddingStore(ABC):
     def _items(self, batch_size: int) -> Iterator[RowBatch]: ...
 
     @abstractmethod
-    def _expire(self, cutoff: float) -> int: ...
+    def _expire(self, cutoff: float) -> np.ndarray:
+        """Delete rows last updated before ``cutoff``; their ids."""
 
     @abstractmethod
     def _fill_stats(self, stats: StoreStats) -> StoreStats: ...

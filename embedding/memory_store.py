@@ -224,11 +224,12 @@ class MemoryStore(EmbeddingStore):
             self._delete(slots)
         return len(slots)
 
-    def _expire(self, cutoff: float) -> int:
+    def _expire(self, cutoff: float) -> np.ndarray:
         dead = np.flatnonzero(self._updated[: self._n] < cutoff)
+        ids = self._ids[dead].copy()
         if len(dead):
             self._delete(dead)
-        return len(dead)
+        return ids
 
     def _fill_stats(self, stats: StoreStats) -> StoreStats:
         stats.rows = stats.rows_in_memory = self._n

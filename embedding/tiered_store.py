@@ -579,12 +579,12 @@ class TieredStore(EmbeddingStore):
             n += int(np.count_nonzero(on_disk))
         return n
 
-    def _expire(self, cutoff: float) -> int:
+    def _expire(self, cutoff: float) -> np.ndarray:
         self._await_write_back()  # its rows must be in the snapshot scanned below
         hot = self._hot
         expired = np.flatnonzero(hot.occupied & (hot.updated_at < cutoff))
-        n = len(expired)
-        if n:
+        gone = [hot.row_id[expired].copy()]
+        if len(expired):
             on_disk = expired[hot.on_disk[expired]]
             if len(on_disk):
                 self._delete_keys(encode_keys(hot.row_id[on_disk]))
@@ -600,8 +600,8 @@ class TieredStore(EmbeddingStore):
             ids = ids[hot.find(ids) < 0]
             if len(ids):
                 self._delete_keys(encode_keys(ids))
-                n += len(ids)
-        return n
+                gone.append(ids)
+        return np.concatenate(gone)
 
     def _delete_keys(self, keys: list[bytes]) -> None:
         rows = self._disk_rows - len(keys)

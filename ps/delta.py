@@ -6,6 +6,7 @@ Layout of a delta root (one per training job, shared by every shard)::
     DELTA_ROOT/shard-<p>/<seq:012d>/manifest.json            DeltaManifest.to_dict()
     DELTA_ROOT/shard-<p>/<seq:012d>/tables/<t>/shard-<k>.sst  rows of serving shard k
     DELTA_ROOT/shard-<p>/<seq:012d>/tables/<t>/shard-<k>.ids  their ids, int64 LE, sorted
+    DELTA_ROOT/shard-<p>/<seq:012d>/tables/<t>/shard-<k>.del  ids deleted (TTL), int64 LE
     DELTA_ROOT/shard-<p>/<seq:012d>/COMPLETE                  written last
 
 ``p`` is the training shard, ``seq`` counts its deltas from 1 with no gaps. A delta is
@@ -18,6 +19,10 @@ default split), so a replica ingests a delta as it ingests an exported version.
 A delta holds each changed row's *current* embedding (no optimizer state): values, not
 increments, so applying one twice, or applying one whose rows a checkpoint already holds,
 is harmless; applying them in ``seq`` order leaves each row at its newest published value.
+It also lists the ids whose rows the shard's TTL sweep deleted (and that were not
+re-created by the time of the delta): a replica deletes them, so an expired row serves
+its table's default again, as training would. Rows that leave a shard because a
+rebalance moved their slot are *not* deletions: the new owner publishes them.
 
 Example:
     >>> ch = ChangedIds()
@@ -157,6 +162,10 @@ def delta_dir(root: str | Path, training_shard: int, seq: int) -> Path:
     return shard_dir(root, training_shard) / f"{int(seq):0{SEQ_DIGITS}d}"
 
 
+def del_relpath(table: str, serving_shard: int) -> str:
+    return f"tables/{table}/shard-{serving_shard}.del"
+
+
 def sst_relpath(table: str, serving_shard: int) -> str:
     return f"tables/{table}/shard-{serving_shard}.sst"
 
@@ -187,6 +196,7 @@ def list_deltas(root: str | Path, training_shard: int) -> list[int]:
 class DeltaTable:
     dim: int
     rows: int
+    deleted: int = 0  # ids whose rows were deleted (TTL)
 
 
 @dataclass(frozen=True)
@@ -279,6 +289,20 @@ class DeltaManifest:
         raw = (self.path / ids_relpath(table, serving_shard)).read_bytes()
         return np.frombuffer(raw, dtype="<i8").astype(np.int64)
 
+    def deletes_of(self, table: str, serving_shards: list[int] | None = None) -> list[int]:
+        """Serving shards of ``table`` with deleted ids (of ``serving_shards`` if given)."""
+        return [
+            k
+            for k in range(self.serving_shards)
+            if del_relpath(table, k) in self.files
+            and (serving_shards is None or k in serving_shards)
+        ]
+
+    def read_deleted(self, table: str, serving_shard: int) -> np.ndarray:
+        assert self.path is not None
+        raw = (self.path / del_relpath(table, serving_shard)).read_bytes()
+        return np.frombuffer(raw, dtype="<i8").astype(np.int64)
+
 
 def write_delta(
     root: str | Path,
@@ -289,8 +313,10 @@ def write_delta(
     serving_shards: int,
     changes_before: float,
     row_format: str = "float32",
+    deleted: Mapping[str, np.ndarray] | None = None,
 ) -> DeltaManifest:
-    """Publish one delta: ``rows`` is ``{table: (sorted unique ids, float32 [n, dim])}``.
+    """Publish one delta: ``rows`` is ``{table: (sorted unique ids, float32 [n, dim])}``,
+    ``deleted`` is ``{table: sorted unique ids}`` whose rows are gone.
 
     Written in a temporary folder, files fsynced, ``COMPLETE`` last, then renamed to
     ``<seq:012d>/``. A delta with no rows is still written (the stream has no gaps).
@@ -316,32 +342,33 @@ def write_delta(
     smap = ShardMap.even([""] * serving_shards, num_slots=num_slots)
     files: dict[str, dict[str, Any]] = {}
     tables: dict[str, DeltaTable] = {}
+    deleted = deleted or {}
+
+    def add_file(rel: str, **extra: int) -> None:
+        p = tmp / rel
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        files[rel] = {"bytes": p.stat().st_size, "sha256": file_sha256(p), **extra}
+
     try:
-        for name, (ids, emb) in sorted(rows.items()):
+        for name in sorted(set(rows) | set(deleted)):
+            ids, emb = rows.get(name, (np.empty(0, np.int64), None))
             ids = np.asarray(ids, dtype=np.int64)
-            emb = np.asarray(emb, dtype=np.float32)
-            tables[name] = DeltaTable(int(emb.shape[1]), len(ids))
-            if not len(ids):
+            gone = np.asarray(deleted.get(name, ()), dtype=np.int64)
+            dim = int(emb.shape[1]) if emb is not None else 0
+            tables[name] = DeltaTable(dim, len(ids), len(gone))
+            if not len(ids) and not len(gone):
                 continue
             (tmp / "tables" / name).mkdir(parents=True, exist_ok=True)
-            owners = smap.owners(name, ids)
-            order = np.argsort(owners, kind="stable")  # stable: each group stays sorted
-            shards, starts = np.unique(owners[order], return_index=True)
-            bounds = [*starts.tolist(), len(order)]
-            for i, k in enumerate(shards.tolist()):
-                sel = order[bounds[i] : bounds[i + 1]]
+            for k, sel in _by_serving_shard(smap, name, ids):
                 rel = sst_relpath(name, k)
-                n = write_sst(tmp / rel, ids[sel], emb[sel], row_format)
-                id_rel = ids_relpath(name, k)
-                (tmp / id_rel).write_bytes(ids[sel].astype("<i8").tobytes())
-                for r, rows_n in ((rel, n), (id_rel, None)):
-                    p = tmp / r
-                    with open(p, "rb") as f:
-                        os.fsync(f.fileno())
-                    entry: dict[str, Any] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                    if rows_n is not None:
-                        entry["rows"] = rows_n
-                    files[r] = entry
+                n = write_sst(tmp / rel, ids[sel], np.asarray(emb, np.float32)[sel], row_format)
+                (tmp / ids_relpath(name, k)).write_bytes(ids[sel].astype("<i8").tobytes())
+                add_file(rel, rows=n)
+                add_file(ids_relpath(name, k))
+            for k, sel in _by_serving_shard(smap, name, gone):
+                (tmp / del_relpath(name, k)).write_bytes(gone[sel].astype("<i8").tobytes())
+                add_file(del_relpath(name, k), deleted=len(sel))
         manifest = DeltaManifest(
             training_shard=training_shard,
             seq=seq,
@@ -361,6 +388,17 @@ def write_delta(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dataclasses.replace(manifest, path=final)
+
+
+def _by_serving_shard(smap: ShardMap, table: str, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(serving shard, positions of its ids in ``ids``), each group in ``ids``' order."""
+    if not len(ids):
+        return []
+    owners = smap.owners(table, ids)
+    order = np.argsort(owners, kind="stable")  # stable: each group stays sorted
+    shards, starts = np.unique(owners[order], return_index=True)
+    bounds = [*starts.tolist(), len(order)]
+    return [(k, order[bounds[i] : bounds[i + 1]]) for i, k in enumerate(shards.tolist())]
 
 
 def prune_deltas(root: str | Path, training_shard: int, keep: int) -> list[int]:
@@ -417,6 +455,9 @@ class DeltaPublisher:
         self.training_shard = training_shard
         self.num_slots = num_slots
         self.changed = ChangedIds()
+        # Ids the TTL sweep deleted since the last publish. Not persisted: a crash between
+        # a sweep and the next publish leaves those rows on replicas until an export.
+        self.expired = ChangedIds()
         self.lock = threading.Lock()
         self._read_rows = read_rows
         self._serving_shards = serving_shards
@@ -467,7 +508,8 @@ class DeltaPublisher:
         (unless ``force``: then an empty delta is written)."""
         with self.lock:
             taken = self.changed.take()
-            if not taken and not force:
+            gone = self.expired.take()
+            if not taken and not gone and not force:
                 return None
             changes_before = time.time()
             try:
@@ -476,6 +518,12 @@ class DeltaPublisher:
                     present, emb = self._read_rows(table, ids)
                     if len(present):
                         rows[table] = (present, emb)
+                deleted = {}
+                for table, ids in gone.items():
+                    back, _ = self._read_rows(table, ids)  # pushed again after it expired
+                    ids = np.setdiff1d(ids, back, assume_unique=True)
+                    if len(ids):
+                        deleted[table] = ids
                 m = write_delta(
                     self.root,
                     self.training_shard,
@@ -485,9 +533,11 @@ class DeltaPublisher:
                     max(1, int(self._serving_shards())),
                     changes_before,
                     self._row_format,
+                    deleted,
                 )
             except BaseException:
                 self.changed.restore(taken)
+                self.expired.restore(gone)
                 raise
             self.seq, self.changes_before = m.seq, changes_before
             self._save_state(self.seq, changes_before)

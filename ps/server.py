@@ -413,7 +413,14 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             self._tables[cfg.name] = self._new_store(cfg)
 
     def _new_store(self, cfg: TableConfig) -> TieredStore:
-        return TieredStore(self.data_dir / "tables" / cfg.name, cfg, self.config.store)
+        store = TieredStore(self.data_dir / "tables" / cfg.name, cfg, self.config.store)
+        store.set_expiry_listener(functools.partial(self._on_expired, cfg.name))
+        return store
+
+    def _on_expired(self, table: str, ids: np.ndarray) -> None:
+        """A TTL sweep deleted these rows: serving replicas delete them too."""
+        if self.delta is not None:
+            self.delta.expired.add(table, ids)
 
     def _save_tables(self) -> None:
         path = self.data_dir / "tables.json"

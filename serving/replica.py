@@ -903,7 +903,7 @@ class ServingReplica:
                 if t is None:
                     log.warning("delta %s has table %r the model lacks; skipped", ddir, name)
                     continue
-                if dt.dim != t.dim:
+                if dt.rows and dt.dim != t.dim:
                     raise D.DeltaError(
                         f"delta {ddir}: table {name!r} has dim {dt.dim}, the model {t.dim}"
                     )
@@ -923,6 +923,16 @@ class ServingReplica:
                     except Exception as e:  # rocksdict raises plain Exception
                         raise E.StorageError(f"ingesting {src} failed: {e}") from e
                     touched.append((t, m.read_ids(name, k)))
+                for k in m.deletes_of(name, shards):  # rows the training TTL sweep deleted
+                    gone = m.read_deleted(name, k)
+                    wb = rd.WriteBatch(raw_mode=True)
+                    for key in mf.encode_keys(gone):
+                        wb.delete(key)
+                    try:
+                        t.db.write(wb)
+                    except Exception as e:  # rocksdict raises plain Exception
+                        raise E.StorageError(f"deleting rows of {ddir} failed: {e}") from e
+                    touched.append((t, gone))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         with v.guard.lock:

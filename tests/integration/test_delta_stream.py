@@ -9,7 +9,9 @@ exported with the exporter's own streaming code (``export_table``, the seqs of
 * a replica killed mid-stream and restarted applies every later delta once: none twice,
   none skipped, and ends equal to the shards;
 * every delta a reader can see is complete and matches its checksums while shards publish;
-* lag in the admin Status and as a Prometheus gauge.
+* lag in the admin Status and as a Prometheus gauge;
+* rows the training shards' TTL sweep deletes are deleted on the replica too (it serves
+  the table's default again), and only those: a row pushed again stays.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ps_harness import Cluster, ShardGroup
 from serving_harness import ServiceProcess
 
 from recps.embedding import TableConfig
+from recps.embedding.config import ExpiryConfig
 from recps.ps import delta as D
 from recps.ps.client import PSClient
 from recps.ps.routing import ShardMap
@@ -36,7 +39,13 @@ from recps.serving.replica import ServingAdminClient
 
 pytestmark = pytest.mark.timeout(180)
 
-TABLES = (TableConfig("user", dim=8), TableConfig("item", dim=4))
+# "fresh" rows expire 2 s after their last update (swept every 0.25 s); the other tests
+# leave it alone.
+TABLES = (
+    TableConfig("user", dim=8),
+    TableConfig("item", dim=4),
+    TableConfig("fresh", dim=4, expiry=ExpiryConfig(ttl_s=2.0, sweep_interval_s=0.25)),
+)
 INTERVAL_S = 0.3  # shards publish this often; replicas poll every 0.2 s
 WAIT_S = 30.0
 
@@ -243,6 +252,39 @@ def test_replica_follows_the_training_shards_and_restarts_without_gaps(stream: S
     # Exactly the deltas after the persisted seq were applied: none twice, none skipped.
     assert st["deltas_applied"] == sum(latest[p] - before.get(p, 0) for p in (0, 1))
     assert all(d["error"] == "" for d in st["deltas"])
+
+
+def test_rows_expired_in_training_are_deleted_on_the_replica(stream: Stream) -> None:
+    shards = stream.client
+    if not any(mf.version_dir(stream.model_root, 1).glob("*")):
+        pytest.skip("needs the version the first test exports")
+    replica = stream.replica("r-ttl")
+    rclient = PSClient([replica.address])
+    x = {"fresh": np.arange(5000, 5200, dtype=np.int64)}
+    push(shards, x, seed=7)
+    wait_equal(rclient, shards, x)  # the replica has them, from a delta
+    assert (rows_of(rclient, x)["fresh"] != 0).any(axis=1).all()
+    # Keep the first 20 alive with pushes while the rest expire (ttl 2 s).
+    keep = {"fresh": x["fresh"][:20]}
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        push(shards, keep, seed=8)
+        got = rows_of(rclient, x)["fresh"]
+        if not got[20:].any():
+            break
+        assert time.monotonic() < deadline, "expired rows are still served by the replica"
+        time.sleep(0.5)
+    # The kept rows are served with their training values; the others as the default.
+    wait_equal(rclient, shards, keep)
+    assert (rows_of(rclient, keep)["fresh"] != 0).any(axis=1).all()
+    deleted = 0
+    for p in (0, 1):
+        for seq in D.list_deltas(stream.delta_root, p):
+            m = D.DeltaManifest.load(D.delta_dir(stream.delta_root, p, seq))
+            t = m.tables.get("fresh")
+            deleted += t.deleted if t is not None else 0
+    assert deleted >= 180, f"the deltas list {deleted} deletions of the 180 expired rows"
+    replica.kill()
 
 
 def test_every_visible_delta_is_complete_while_shards_publish(stream: Stream) -> None:

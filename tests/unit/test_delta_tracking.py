@@ -173,6 +173,31 @@ def test_publisher_writes_the_current_rows_of_pushed_ids(make_tiered, tmp_path: 
     assert 77 in again.changed.take()["t"].tolist()
 
 
+def test_expired_rows_are_published_as_deletes_unless_pushed_again(
+    make_tiered, tmp_path: Path
+) -> None:
+    store = make_tiered(TableConfig("t", dim=4))
+    pub = _publisher(store, tmp_path / "deltas", tmp_path / "delta_state.json")
+    ids = np.arange(100, 164, dtype=np.int64)
+    store.apply_gradients(ids, np.ones((len(ids), 4), np.float32))
+    store.delete(ids)  # stands in for the TTL sweep (its listener feeds pub.expired)
+    pub.expired.add("t", ids)
+    back = ids[::8]  # pushed again after they expired: they exist, and are not deleted
+    store.apply_gradients(back, np.ones((len(back), 4), np.float32))
+    pub.changed.add("t", back)
+    m = pub.publish()
+    assert m is not None and m.tables["t"].rows == len(back)
+    gone = np.setdiff1d(ids, back)
+    assert m.tables["t"].deleted == len(gone)
+    told = np.concatenate([m.read_deleted("t", k) for k in m.deletes_of("t")])
+    np.testing.assert_array_equal(np.sort(told), gone)
+    # Each serving shard's file holds only its ids, and the files are in the checksums.
+    for k in m.deletes_of("t"):
+        assert (m.serving_map().owners("t", m.read_deleted("t", k)) == k).all()
+    assert D.DeltaManifest.load(m.path, verify=True).tables["t"].deleted == len(gone)
+    assert pub.expired.pending() == 0
+
+
 def test_manifest_records_delta_seqs_and_old_manifests_have_none() -> None:
     m = mf.ModelManifest(
         version=1,

@@ -246,13 +246,20 @@ def test_expire_deletes_rows_not_updated_for_ttl(kind, make_tiered, clock, tmp_p
         assert st.rows_in_memory < len(all_ids) and st.rows_on_disk > len(all_ids) // 2, (
             "most rows must live only on disk for this test to cover them"
         )
+    heard: list[np.ndarray] = []
+    store.set_expiry_listener(heard.append)  # what a training shard publishes as deletes
     clock.advance(30.0)
     assert store.apply_gradients(keep, np.ones((len(keep), EXP_CFG.dim), np.float32)) == len(keep)
     store.lookup(all_ids)  # a lookup is not an update: it does not refresh the TTL
     clock.advance(10.0)  # unkept rows are exactly ttl_s old: not yet expired
     assert store.expire() == 0
+    assert heard == []
     clock.advance(0.5)
     assert store.expire() == len(all_ids) - len(keep)
+    # Exactly the expired ids, in memory and disk-only alike, each once.
+    told = np.concatenate(heard)
+    assert len(told) == len(np.unique(told))
+    np.testing.assert_array_equal(np.sort(told), np.setdiff1d(all_ids, keep))
     st = store.stats()
     assert st.expired_rows == len(all_ids) - len(keep)
     assert st.rows == len(keep)
