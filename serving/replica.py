@@ -688,8 +688,12 @@ class ServingReplica:
     def _db_options(self) -> rd.Options:
         opts = rd.Options(raw_mode=True)
         opts.create_if_missing(True)
-        # Read-only data: ingested files stay as exported, no background rewrites.
-        opts.set_disable_auto_compactions(True)
+        # Without a delta stream the data is read-only: ingested files stay as exported
+        # (hard links), no background rewrites. With one, every delta ingests files that
+        # overlap the base: they pile up in L0 and each lookup would probe them all, so
+        # RocksDB compacts them in the background as for any written DB.
+        opts.set_disable_auto_compactions(not self.config.delta_dir)
+        opts.set_level_zero_file_num_compaction_trigger(4)
         opts.set_compression_type(rd.DBCompressionType.none())
         bbo = rd.BlockBasedOptions()
         # The reader must name a bloom policy, or the filters baked into the files go unused.

@@ -423,3 +423,43 @@ def test_other_split_and_int8_model_and_a_gap_stops_the_stream(tmp_path: Path) -
         assert "export a new version" in r.status().delta.shards[0].error
     finally:
         r.close()
+
+
+def test_a_long_stream_is_compacted_not_piled_up(tmp_path: Path) -> None:
+    """Each delta's files overlap the version's; without compaction they would stack up
+    in L0 (every lookup probing them all) for as long as the replica follows training."""
+    from recps.serving.replica import ReplicaConfig, ServingReplica
+
+    ids = np.arange(0, 2000, dtype=np.int64)
+    rng = np.random.default_rng(5)
+    want = rng.normal(size=(len(ids), 4)).astype(np.float32)
+    write_version(tmp_path / "m", ids, want, "float32", {})
+    droot = tmp_path / "deltas"
+    for seq in range(1, 41):
+        pick = np.sort(rng.choice(len(ids), 300, replace=False))
+        want[pick] = rng.normal(size=(len(pick), 4)).astype(np.float32)
+        D.write_delta(droot, 0, seq, {"t": (ids[pick], want[pick])}, 64, 2, 0.0)
+    cfg = ReplicaConfig(
+        model=str(tmp_path / "m"),
+        data_dir=str(tmp_path / "r"),
+        delta_dir=str(droot),
+        delta_interval_s=3600,  # the poller's first pass runs at start
+    )
+    r = ServingReplica(cfg)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while r.status().delta.applied_total < 40:
+            assert time.monotonic() < deadline, "the 40 deltas were not applied"
+            time.sleep(0.05)
+        np.testing.assert_array_equal(r.lookup({"t": ids})["t"], want)
+        with r.use() as v:
+            dbs = [t.db for t in v.tables.values()]
+            while True:
+                l0 = max(db.property_int_value("rocksdb.num-files-at-level0") for db in dbs)
+                if l0 <= 8:
+                    break
+                assert time.monotonic() < deadline, f"{l0} files stay in L0 after 40 deltas"
+                time.sleep(0.1)
+        np.testing.assert_array_equal(r.lookup({"t": ids})["t"], want)
+    finally:
+        r.close()
