@@ -465,7 +465,9 @@ class DeltaPublisher:
         self._row_format = row_format
         self._state_path = state_path
         self.published = 0  # deltas published by this process
+        self.failures = 0  # publishes that raised (their ids are kept for the next)
         self.last_published_at = 0.0
+        self.last_publish_s = 0.0  # how long the last publish took (read + write + fsync)
         self.seq, self.changes_before = self._load_state()
         for p in shard_dir(self.root, training_shard).glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)  # left by a crash mid-publish
@@ -491,6 +493,18 @@ class DeltaPublisher:
         tmp.write_text(json.dumps({"seq": seq, "changes_before": changes_before}))
         tmp.replace(self._state_path)
 
+    def metrics(self) -> dict[str, float]:
+        """Counters for the shard's Prometheus endpoint."""
+        return {
+            "seq": self.seq,
+            "pending_ids": self.changed.pending(),
+            "expired_pending_ids": self.expired.pending(),
+            "published": self.published,
+            "failures": self.failures,
+            "last_published_at": self.last_published_at,
+            "last_publish_s": self.last_publish_s,
+        }
+
     def recover(self, tables: Mapping[str, Any]) -> int:
         """After a restart: mark every row updated since the last delta's id set was taken
         (``updated_at >= changes_before``) as changed, so a crash loses no change. One
@@ -512,6 +526,7 @@ class DeltaPublisher:
             if not taken and not gone and not force:
                 return None
             changes_before = time.time()
+            t0 = time.perf_counter()
             try:
                 rows = {}
                 for table, ids in taken.items():
@@ -538,11 +553,13 @@ class DeltaPublisher:
             except BaseException:
                 self.changed.restore(taken)
                 self.expired.restore(gone)
+                self.failures += 1
                 raise
             self.seq, self.changes_before = m.seq, changes_before
             self._save_state(self.seq, changes_before)
             self.published += 1
             self.last_published_at = m.created_at
+            self.last_publish_s = time.perf_counter() - t0
         if self._keep:
             prune_deltas(self.root, self.training_shard, self._keep)
         return m

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
@@ -65,6 +65,29 @@ class _StateCollector:
         yield srows
         yield sreq
         yield sbytes
+        d = s.get("delta")
+        if d is not None:  # the online delta stream to serving (--delta-dir)
+            yield GaugeMetricFamily("recps_delta_seq", "Last delta published", value=d["seq"])
+            pend = GaugeMetricFamily(
+                "recps_delta_pending_ids", "Ids waiting for the next delta", labels=["kind"]
+            )
+            pend.add_metric(["changed"], d["pending_ids"])
+            pend.add_metric(["expired"], d["expired_pending_ids"])
+            yield pend
+            yield CounterMetricFamily(
+                "recps_deltas_published", "Deltas published by this process", d["published"]
+            )
+            yield CounterMetricFamily(
+                "recps_delta_publish_failures", "Delta publishes that failed", d["failures"]
+            )
+            yield GaugeMetricFamily(
+                "recps_delta_publish_seconds", "Duration of the last publish", d["last_publish_s"]
+            )
+            yield GaugeMetricFamily(
+                "recps_delta_last_published_timestamp_seconds",
+                "When the last delta was published (0: none by this process)",
+                d["last_published_at"],
+            )
 
 
 class _RpcMetrics:

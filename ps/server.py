@@ -738,6 +738,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             "slot_requests": self._slot_requests[owned].tolist(),
             "slot_bytes": self._slot_bytes[owned].tolist(),
             "slot_rows_age_s": time.time() - self._slot_rows_at if self._slot_rows_at else -1.0,
+            "delta": self.delta.metrics() if self.delta is not None else None,
         }
 
     def _refresh_slot_rows(self, force: bool = False) -> None:

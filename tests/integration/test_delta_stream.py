@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from ps_harness import Cluster, ShardGroup
 from serving_harness import ServiceProcess
 
@@ -161,7 +162,13 @@ def stream(
 ) -> Iterator[Stream]:
     base = tmp_path_factory.mktemp("delta")
     cluster = ps_module_group.start(
-        2, "--delta-dir", str(base / "deltas"), "--delta-interval-s", str(INTERVAL_S)
+        2,
+        "--delta-dir",
+        str(base / "deltas"),
+        "--delta-interval-s",
+        str(INTERVAL_S),
+        "--metrics-port",
+        "0",
     )
     client = cluster.client()
     for t in TABLES:
@@ -285,6 +292,22 @@ def test_rows_expired_in_training_are_deleted_on_the_replica(stream: Stream) -> 
             deleted += t.deleted if t is not None else 0
     assert deleted >= 180, f"the deltas list {deleted} deletions of the 180 expired rows"
     replica.kill()
+    # The training side's stream metrics.
+    for shard in stream.cluster.shards:
+        url = f"http://127.0.0.1:{shard.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        got = {
+            s.name: s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name.startswith("recps_delta")
+        }
+        published = D.list_deltas(stream.delta_root, shard.shard_id)[-1]
+        assert 1 <= got["recps_delta_seq"] <= published + 1  # it may publish meanwhile
+        assert got["recps_deltas_published_total"] >= 1
+        assert got["recps_delta_publish_failures_total"] == 0
+        assert got["recps_delta_publish_seconds"] > 0
+        assert got["recps_delta_last_published_timestamp_seconds"] > time.time() - WAIT_S * 4
 
 
 def test_every_visible_delta_is_complete_while_shards_publish(stream: Stream) -> None:
