@@ -40,12 +40,12 @@ from recps.serving.replica import ServingAdminClient
 
 pytestmark = pytest.mark.timeout(180)
 
-# "fresh" rows expire 2 s after their last update (swept every 0.25 s); the other tests
+# "fresh" rows expire 3 s after their last update (swept every 0.25 s); the other tests
 # leave it alone.
 TABLES = (
     TableConfig("user", dim=8),
     TableConfig("item", dim=4),
-    TableConfig("fresh", dim=4, expiry=ExpiryConfig(ttl_s=2.0, sweep_interval_s=0.25)),
+    TableConfig("fresh", dim=4, expiry=ExpiryConfig(ttl_s=3.0, sweep_interval_s=0.25)),
 )
 INTERVAL_S = 0.3  # shards publish this often; replicas poll every 0.2 s
 WAIT_S = 30.0
@@ -271,7 +271,7 @@ def test_rows_expired_in_training_are_deleted_on_the_replica(stream: Stream) -> 
     push(shards, x, seed=7)
     wait_equal(rclient, shards, x)  # the replica has them, from a delta
     assert (rows_of(rclient, x)["fresh"] != 0).any(axis=1).all()
-    # Keep the first 20 alive with pushes while the rest expire (ttl 2 s).
+    # Keep the first 20 alive with pushes while the rest expire (ttl 3 s).
     keep = {"fresh": x["fresh"][:20]}
     deadline = time.monotonic() + WAIT_S
     while True:
