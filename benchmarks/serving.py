@@ -213,7 +213,8 @@ def main() -> None:
     from recps.proto import ranking_pb2, ranking_pb2_grpc
     from recps.serving.client import ServingClient
     from recps.serving.process import start_service, stop_service
-    from recps.serving.replica import ReplicaConfig, ServingAdminClient, ServingReplica
+    from recps.serving.replica import ReplicaConfig, ServingReplica
+    from recps.serving.replica_server import ServingAdminClient
 
     with tempfile.TemporaryDirectory(prefix="recps-serving-bench-") as tmp_s:
         tmp = Path(tmp_s)

@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_admin(args: argparse.Namespace) -> int:
     from recps.embedding.errors import RecpsError
     from recps.ps.config import TlsConfig
-    from recps.serving.replica import ServingAdminClient
+    from recps.serving.replica_server import ServingAdminClient
 
     if args.version is not None and args.action != "load":
         print("recps serve-admin: --version goes with `load` only", file=sys.stderr)

@@ -95,7 +95,7 @@ def run(config: ReplicaConfig) -> int:
     loaded at start (the reason goes to stderr and to a ``{"event": "failed"}`` line)."""
     from recps.embedding.errors import RecpsError
     from recps.ps.main import pin_malloc_thresholds
-    from recps.serving.replica import create_server
+    from recps.serving.replica_server import create_server
 
     pin_malloc_thresholds()  # before the first large buffer (see recps.ps.main)
     done = threading.Event()

@@ -36,7 +36,7 @@ from recps.ps.client import PSClient
 from recps.ps.routing import ShardMap
 from recps.serving import model_format as mf
 from recps.serving.export import delta_seqs, export_table, source_shards
-from recps.serving.replica import ServingAdminClient
+from recps.serving.replica_server import ServingAdminClient
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -38,12 +38,8 @@ from recps.ps.config import ClientConfig
 from recps.ps.routing import ShardMap
 from recps.serving import model_format as mf
 from recps.serving.errors import NoPreviousVersionError, ShardNotHeldError
-from recps.serving.replica import (
-    SERVED_RPCS,
-    ReplicaConfig,
-    ServingAdminClient,
-    ServingReplica,
-)
+from recps.serving.replica import ReplicaConfig, ServingReplica
+from recps.serving.replica_server import SERVED_RPCS, ServingAdminClient
 
 NUM_SLOTS = 1024
 READY_TIMEOUT_S = 60.0
