@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -63,6 +64,7 @@ COMPLETE_FILE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 SEQ_DIGITS = 12
 STATE_FILE = "delta_state.json"  # in the shard's data_dir: seq and changes_before
+EXPIRED_LOG_FILE = "delta_expired.log"  # next to it: TTL-deleted ids not yet published
 _SEQ_RE = re.compile(rf"^\d{{{SEQ_DIGITS}}}$")
 _SHARD_RE = re.compile(r"^shard-(\d+)$")
 # Compact a table's pending chunks once they hold this many ids more than the set itself.
@@ -413,6 +415,26 @@ def prune_deltas(root: str | Path, training_shard: int, keep: int) -> list[int]:
     return doomed
 
 
+def _read_expired_log(path: Path) -> list[tuple[str, np.ndarray]]:
+    """The records of an expired-ids log; a torn last record (a crash mid-append) is
+    ignored: its rows' deletion had not been reported yet either."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    out, pos, head = [], 0, struct.calcsize("<HQ")
+    while pos + head <= len(raw):
+        name_len, n = struct.unpack_from("<HQ", raw, pos)
+        end = pos + head + name_len + 8 * n
+        if end > len(raw):
+            log.warning("%s: torn last record ignored", path)
+            break
+        name = raw[pos + head : pos + head + name_len].decode()
+        out.append((name, np.frombuffer(raw, "<i8", n, pos + head + name_len).astype(np.int64)))
+        pos = end
+    return out
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -455,9 +477,12 @@ class DeltaPublisher:
         self.training_shard = training_shard
         self.num_slots = num_slots
         self.changed = ChangedIds()
-        # Ids the TTL sweep deleted since the last publish. Not persisted: a crash between
-        # a sweep and the next publish leaves those rows on replicas until an export.
+        # Ids the TTL sweep deleted since the last publish. Pushes are recovered after a
+        # crash from the rows' updated_at; a deleted row leaves no trace, so these are
+        # also appended to a log next to the state file, emptied by each publish.
         self.expired = ChangedIds()
+        self._expired_log = state_path.with_name(EXPIRED_LOG_FILE)
+        self._expired_log_lock = threading.Lock()
         self.lock = threading.Lock()
         self._read_rows = read_rows
         self._serving_shards = serving_shards
@@ -471,6 +496,34 @@ class DeltaPublisher:
         self.seq, self.changes_before = self._load_state()
         for p in shard_dir(self.root, training_shard).glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)  # left by a crash mid-publish
+        for table, ids in _read_expired_log(self._expired_log):
+            self.expired.add(table, ids)
+
+    def note_expired(self, table: str, ids: np.ndarray) -> None:
+        """Rows of ``table`` the TTL sweep deleted: publish them as deletions, and log
+        them durably first (a crash before the next publish must not forget them)."""
+        ids = np.ascontiguousarray(ids, dtype="<i8")
+        if not len(ids):
+            return
+        name = table.encode()
+        record = struct.pack("<HQ", len(name), len(ids)) + name + ids.tobytes()
+        with self._expired_log_lock:
+            with open(self._expired_log, "ab") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            self.expired.add(table, ids)
+
+    def _trim_expired_log(self, upto: int) -> None:
+        """Drop the log's first ``upto`` bytes (published); keep what came since."""
+        with self._expired_log_lock:
+            try:
+                rest = self._expired_log.read_bytes()[upto:]
+            except FileNotFoundError:
+                return
+            tmp = self._expired_log.with_suffix(".tmp")
+            _write_synced(tmp, rest)
+            tmp.replace(self._expired_log)
 
     def _load_state(self) -> tuple[int, float]:
         seq, since = 0, None
@@ -522,7 +575,9 @@ class DeltaPublisher:
         (unless ``force``: then an empty delta is written)."""
         with self.lock:
             taken = self.changed.take()
-            gone = self.expired.take()
+            with self._expired_log_lock:  # the ids taken are the log's first bytes
+                gone = self.expired.take()
+                logged = self._expired_log.stat().st_size if self._expired_log.exists() else 0
             if not taken and not gone and not force:
                 return None
             changes_before = time.time()
@@ -557,6 +612,8 @@ class DeltaPublisher:
                 raise
             self.seq, self.changes_before = m.seq, changes_before
             self._save_state(self.seq, changes_before)
+            if logged:
+                self._trim_expired_log(logged)
             self.published += 1
             self.last_published_at = m.created_at
             self.last_publish_s = time.perf_counter() - t0

@@ -420,7 +420,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
     def _on_expired(self, table: str, ids: np.ndarray) -> None:
         """A TTL sweep deleted these rows: serving replicas delete them too."""
         if self.delta is not None:
-            self.delta.expired.add(table, ids)
+            self.delta.note_expired(table, ids)
 
     def _save_tables(self) -> None:
         path = self.data_dir / "tables.json"

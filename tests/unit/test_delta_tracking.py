@@ -177,11 +177,16 @@ def test_expired_rows_are_published_as_deletes_unless_pushed_again(
     make_tiered, tmp_path: Path
 ) -> None:
     store = make_tiered(TableConfig("t", dim=4))
-    pub = _publisher(store, tmp_path / "deltas", tmp_path / "delta_state.json")
+    root, state = tmp_path / "deltas", tmp_path / "delta_state.json"
+    pub = _publisher(store, root, state)
     ids = np.arange(100, 164, dtype=np.int64)
     store.apply_gradients(ids, np.ones((len(ids), 4), np.float32))
-    store.delete(ids)  # stands in for the TTL sweep (its listener feeds pub.expired)
-    pub.expired.add("t", ids)
+    store.delete(ids)  # stands in for the TTL sweep (its listener calls note_expired)
+    pub.note_expired("t", ids[:40])
+    pub.note_expired("t", ids[40:])
+    # A crash now (no publish yet): a restarted shard still knows what expired.
+    restarted = _publisher(store, root, state)
+    np.testing.assert_array_equal(restarted.expired.take()["t"], ids)
     back = ids[::8]  # pushed again after they expired: they exist, and are not deleted
     store.apply_gradients(back, np.ones((len(back), 4), np.float32))
     pub.changed.add("t", back)
@@ -196,6 +201,13 @@ def test_expired_rows_are_published_as_deletes_unless_pushed_again(
         assert (m.serving_map().owners("t", m.read_deleted("t", k)) == k).all()
     assert D.DeltaManifest.load(m.path, verify=True).tables["t"].deleted == len(gone)
     assert pub.expired.pending() == 0
+    # Published: a restart has nothing left to delete; a torn last record is ignored.
+    assert _publisher(store, root, state).expired.pending() == 0
+    pub.note_expired("t", ids[:3])
+    log_file = state.with_name(D.EXPIRED_LOG_FILE)
+    with open(log_file, "ab") as f:
+        f.write(b"\x01\x00\x09")  # a crash mid-append
+    np.testing.assert_array_equal(_publisher(store, root, state).expired.take()["t"], ids[:3])
 
 
 def test_manifest_records_delta_seqs_and_old_manifests_have_none() -> None:
