@@ -24,12 +24,16 @@ def as_u64(ids: np.ndarray) -> np.ndarray:
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer: a bijective, well-mixed uint64 -> uint64 map. Returns a new array."""
-    with np.errstate(over="ignore"):
-        z = x ^ (x >> _S30)
-        z *= _M1
-        z ^= z >> _S27
-        z *= _M2
-        z ^= z >> _S31
+    if np.ndim(x) == 0:  # scalar arithmetic warns on wrap-around; array arithmetic never
+        with np.errstate(over="ignore"):
+            return mix64(np.asarray(x).reshape(1))[0]
+    # (No errstate on the array path: entering it costs ~3 us, as much as the hashing of
+    # a small batch, and uint64 array multiplies wrap silently.)
+    z = x ^ (x >> _S30)
+    z *= _M1
+    z ^= z >> _S27
+    z *= _M2
+    z ^= z >> _S31
     return z
 
 
@@ -38,9 +42,11 @@ def fast_hash(x: np.ndarray) -> np.ndarray:
 
     Callers take the *top* bits of the result, which depend on every input bit.
     """
-    with np.errstate(over="ignore"):
-        z = x ^ (x >> _S32)
-        z *= GOLDEN
+    if np.ndim(x) == 0:
+        with np.errstate(over="ignore"):
+            return fast_hash(np.asarray(x).reshape(1))[0]
+    z = x ^ (x >> _S32)
+    z *= GOLDEN
     return z
 
 
