@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from recps.cli.rebalance_cmds import _cluster_args, _cluster_file, _fail, progress_bar
@@ -110,6 +111,15 @@ def _print(report: dict[str, Any], args: Any, lines: list[str]) -> None:
         print("\n".join(lines))
 
 
+def _join_ray_env(info: dict[str, Any]) -> None:
+    """Before Ray is imported: the job's Ray auth mode (Ray >= 2.5x turns token auth on for
+    a local cluster; its driver has RAY_AUTH_MODE=token, an operator's shell does not).
+    The token itself Ray reads from ~/.ray/auth_token or RAY_AUTH_TOKEN."""
+    mode = (info.get("ray") or {}).get("auth_mode")
+    if mode:
+        os.environ.setdefault("RAY_AUTH_MODE", str(mode))
+
+
 def _cmd_add(args: argparse.Namespace) -> int:
     from recps.embedding.errors import ConfigError, RecpsError
     from recps.ps import cluster
@@ -133,6 +143,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"shard_id": sid}
     try:
         if info.get("ray"):  # a Ray job's cluster: a new actor of that job
+            _join_ray_env(info)
             from recps.worker.ray_cluster import add_shard_actors
 
             report["address"] = add_shard_actors(path, [sid])[sid]
@@ -194,6 +205,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         if sid not in local:
             report["stopped"] = None
         elif info.get("ray"):
+            _join_ray_env(info)
             from recps.worker.ray_cluster import remove_shard_actors
 
             report["stopped"] = remove_shard_actors(path, [sid])[sid]

@@ -192,13 +192,15 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 def _local_cpus(job: JobConfig) -> int:
-    """Logical CPUs for a local Ray: what the job asks for, at least this machine's count.
+    """Logical CPUs for a local Ray: what the job asks for, plus room to double its shards
+    (`recps shard add` starts each as one more actor of ``cpus_per_shard``), at least this
+    machine's count.
 
-    On a 2-core laptop a 2-worker, 2-shard job asks for 4; Ray's CPUs are scheduling units,
-    so oversubscribing them is how a small machine runs the whole job.
+    On a 2-core laptop a 2-worker, 2-shard job asks for 4 (+2 spare); Ray's CPUs are
+    scheduling units, so oversubscribing them is how a small machine runs the whole job.
     """
     c = job.cluster
-    need = c.num_workers * c.cpus_per_worker + c.num_shards * c.cpus_per_shard
+    need = c.num_workers * c.cpus_per_worker + 2 * c.num_shards * c.cpus_per_shard
     return max(int(-(-need // 1)), os.cpu_count() or 1)
 
 

@@ -335,6 +335,7 @@ PSShardActor = ray.remote(PSShard)
 # Shard actors are named in this namespace, whatever the job's: an ops command is another
 # Ray driver, and finds them only by (namespace, name).
 RAY_NAMESPACE = "recps"
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def actor_name(cluster_id: str, shard_id: int) -> str:
@@ -637,6 +638,9 @@ class RayPSCluster:
                 },
                 "ray": {
                     "address": _gcs_address(),
+                    # Ray >= 2.5x turns token auth on for a local cluster by setting this
+                    # in the driver's environment; a second driver must set it too.
+                    "auth_mode": os.environ.get(RAY_AUTH_MODE_ENV),
                     "namespace": RAY_NAMESPACE,
                     "cluster_id": self.cluster_id,
                     "placement_group": self.placement_group.id.hex(),
@@ -778,7 +782,19 @@ def _ray_of(info: dict[str, Any]) -> Iterator[None]:
     address = ray_info.get("address")
     if not address:
         raise E.ConfigError("the cluster file names no Ray address; is its job still running?")
-    init_ray(address)
+    mode = ray_info.get("auth_mode")
+    if mode and os.environ.get(RAY_AUTH_MODE_ENV) != mode:
+        # Ray reads it when it is imported: too late here. (`recps shard` sets it first.)
+        raise E.ConfigError(
+            f"the job's Ray cluster uses {RAY_AUTH_MODE_ENV}={mode}; set it in this "
+            "process's environment before Ray is imported"
+        )
+    try:
+        init_ray(address)
+    except ConnectionError as e:
+        raise E.ShardUnavailableError(
+            f"cannot reach the job's Ray cluster at {address} ({e}); is the job still running?"
+        ) from None
     try:
         yield
     finally:
@@ -791,6 +807,9 @@ def add_shard_actors(
     """Start shards ``shard_ids`` as new actors of the Ray job whose cluster file this is;
     returns their addresses. They own no slot (``recps.ps.migration.join_shards`` and a
     rebalance give them some) and are listed in the cluster file.
+
+    A process that is not the job's driver needs the job's ``RAY_AUTH_MODE`` (the
+    cluster file's ``ray.auth_mode``) in its environment before it imports Ray.
 
     They are *detached* actors with the job's settings, outside its placement group
     (that group's bundles are fixed when the job starts); the job's shutdown stops them.
@@ -812,10 +831,20 @@ def add_shard_actors(
     out: dict[int, str] = {}
     with _ray_of(info):
         host = host if host is not None else _default_host()
+        cpus = float(st.get("cpus_per_shard", 1.0))
+        free = float(ray.available_resources().get("CPU", 0.0))
+        new = [s for s in set(shard_ids) if not _actor_exists(actor_name(r["cluster_id"], s))]
+        if free < cpus * len(new):
+            # Else the actor would wait for CPUs that never come, until the ready timeout.
+            raise E.ShardUnavailableError(
+                f"no room for {len(new)} more shard(s) of {cpus:g} CPUs: the Ray cluster has "
+                f"{free:g} CPUs free. Add a node (or, for a local Ray, start the job with "
+                "more shards: it keeps room to double them)"
+            )
         started = []
         for sid in sorted(set(shard_ids)):
             name = actor_name(r["cluster_id"], sid)
-            with contextlib.suppress(ValueError):  # ValueError: no actor of that name
+            if sid not in new:  # running already (a re-run): wait for it, start nothing
                 started.append((sid, name, ray.get_actor(name, namespace=RAY_NAMESPACE)))
                 continue
             actor = PSShardActor.options(
@@ -864,6 +893,14 @@ def add_shard_actors(
             tmp.write_text(json.dumps(info, indent=1) + "\n")
             os.replace(tmp, path)
     return out
+
+
+def _actor_exists(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=RAY_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def remove_shard_actors(

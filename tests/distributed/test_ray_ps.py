@@ -252,11 +252,15 @@ def test_restart_on_a_taken_port_reissues_the_map(state: dict[str, Any]) -> None
 
 
 def _recps(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as an operator's shell runs it. Not with this process's environment: Ray
+    put RAY_AUTH_MODE=token there when it started, which a shell does not have."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return subprocess.run(
         [sys.executable, "-m", "recps.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=240,
+        env=env,
     )
 
 
