@@ -316,6 +316,10 @@ def test_the_jobs_shutdown_stops_shards_added_to_it(state: dict[str, Any]) -> No
     got = add_shard_actors(path, [1])
     (entry,) = [s for s in read_cluster_file(path)["shards"] if s["shard_id"] == 1]
     assert got == {1: entry["address"]} and alive(entry["pid"])
+    # No room on this Ray for 8 more: refused at once, nothing started (not a 120 s wait).
+    with pytest.raises(E.ShardUnavailableError, match="no room for 8 more shard"):
+        add_shard_actors(path, list(range(2, 10)))
+    assert [s["shard_id"] for s in read_cluster_file(path)["shards"]] == [0, 1]
     report = other.shutdown()
     assert report == {0: "stopped", 1: "stopped"}
     assert not alive(entry["pid"]) and holders_of(root) == []
