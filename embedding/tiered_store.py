@@ -466,23 +466,7 @@ class TieredStore(EmbeddingStore):
         shutil.rmtree(self.path / old, ignore_errors=True)
 
     def _items(self, batch_size: int) -> Iterator[RowBatch]:
-        self._write_back_before_scan()
-        with self._lock:
-            self._check_open()
-            self._flush()
-            batches = self._rocks.iter_rows(batch_size)
-            first = next(batches, None)  # the snapshot is taken here, under the lock
-        if first is None:
-            return
-        for keys, vals in _chain(first, batches):
-            rec = self.codec.unpack(vals)
-            yield RowBatch(
-                ids=decode_keys(keys),
-                weights=rec["emb"].astype(np.float32),
-                state=rec["state"].copy(),
-                updated_at=rec["updated_at"].copy(),
-                count=rec["count"].copy(),
-            )
+        return self._scan(None, batch_size)
 
     def _scan(self, start_id: int | None, batch_size: int) -> Iterator[RowBatch]:
         start = None if start_id is None else encode_keys(np.array([start_id], np.int64))[0]
