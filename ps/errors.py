@@ -71,6 +71,14 @@ _CLASSES: dict[str, type[E.RecpsError]] = {
     )
 }
 
+
+def register_error_classes(*classes: type[E.RecpsError]) -> None:
+    """Let :func:`from_rpc_error` rebuild these by name too: error classes of layers
+    above ``recps.ps`` (the serving replica's), which this module cannot import."""
+    for c in classes:
+        _CLASSES[c.__name__] = c
+
+
 # gRPC codes that arrive without a recps error class (from gRPC itself or a proxy).
 _FALLBACK: dict[grpc.StatusCode, type[E.RecpsError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: E.InvalidArgumentError,

@@ -39,8 +39,11 @@ from recps.proto import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc
 from recps.ps import wire
 from recps.ps.client import open_channel
 from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
-from recps.ps.errors import from_rpc_error
+from recps.ps.errors import from_rpc_error, register_error_classes
 from recps.ps.routing import ShardMap, slot_of
+from recps.serving.errors import wire_error_classes
+
+register_error_classes(*wire_error_classes())  # a replica's errors come back typed
 
 _FAILOVER_CODES = (
     grpc.StatusCode.UNAVAILABLE,

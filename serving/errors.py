@@ -79,3 +79,21 @@ class ModelLoadError(RecpsError):
     """Ingesting a model version failed (disk full, RocksDB error); nothing was swapped."""
 
     status = "INTERNAL"
+
+
+def wire_error_classes() -> tuple[type[RecpsError], ...]:
+    """The serving errors a replica sends by name (``recps.ps.errors.abort``), for
+    ``recps.ps.errors.register_error_classes`` on the client side."""
+    from recps.serving import model_format as mf
+
+    return (
+        ShardNotHeldError,
+        ReadOnlyReplicaError,
+        NoModelVersionError,
+        NoPreviousVersionError,
+        ModelLoadError,
+        mf.ModelFormatError,
+        mf.ModelNotFoundError,
+        mf.IncompleteModelError,
+        mf.ChecksumMismatchError,
+    )

@@ -24,12 +24,15 @@ from typing import Any
 
 from recps.embedding import errors as E
 from recps.ps.config import TlsConfig
-from recps.serving import model_format as mf
+from recps.ps.errors import from_rpc_error, register_error_classes
+from recps.serving.errors import wire_error_classes
 from recps.serving.replica import (
     ReplicaConfig,
     ServingReplica,
     VersionStatus,
 )
+
+register_error_classes(*wire_error_classes())  # ServingAdminClient rebuilds them typed
 
 # ---- the gRPC service ---------------------------------------------------------------------
 # The replica answers the parameter server's own service (so a PSClient can point at it)
@@ -431,36 +434,6 @@ def _plain(msg: Any) -> dict[str, Any]:
     return out
 
 
-def _from_rpc_error(e: Any, where: str) -> E.RecpsError:
-    """``recps.ps.errors.from_rpc_error``, also rebuilding the serving error classes
-    (which ``recps.ps`` cannot import) by the name the replica sent."""
-    from recps.ps.errors import ERROR_TYPE_KEY, from_rpc_error
-    from recps.serving import errors as SE
-
-    err = from_rpc_error(e, where)
-    classes: dict[str, type[E.RecpsError]] = {
-        c.__name__: c
-        for c in (
-            SE.ShardNotHeldError,
-            SE.ReadOnlyReplicaError,
-            SE.NoModelVersionError,
-            SE.NoPreviousVersionError,
-            SE.ModelLoadError,
-            mf.ModelFormatError,
-            mf.ModelNotFoundError,
-            mf.IncompleteModelError,
-            mf.ChecksumMismatchError,
-        )
-    }
-    cls = classes.get(dict(e.trailing_metadata() or ()).get(ERROR_TYPE_KEY, ""))
-    if cls is None:
-        return err
-    typed = cls.__new__(cls)
-    Exception.__init__(typed, str(err))
-    typed.__dict__.update(err.__dict__)  # grpc_code, epoch
-    return typed
-
-
 class ServingAdminClient:
     """Client of a replica's ServingAdmin service; answers are plain dicts with the
     field names of serving.proto.
@@ -502,7 +475,7 @@ class ServingAdminClient:
         try:
             resp = getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._md)
         except grpc.RpcError as e:
-            raise _from_rpc_error(e, f"{method} on {self.address}") from None
+            raise from_rpc_error(e, f"{method} on {self.address}") from None
         return _plain(resp)
 
     def load_version(self, version: int | None = None) -> dict[str, Any]:
