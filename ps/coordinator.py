@@ -38,7 +38,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,9 +294,7 @@ class Coordinator:
         cf = self.cluster_file
         if cf is None or not cf.exists():
             return
-        lock = cf.parent / ".cluster.lock"
-        with open(lock, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with cluster_file_lock(cf):
             try:
                 info = json.loads(cf.read_text())
             except (OSError, ValueError):
@@ -307,6 +305,15 @@ class Coordinator:
             info["shard_map"] = self._state["shard_map"]
             info["updated_at"] = time.time()
             _atomic_write(cf, info)
+
+
+@contextlib.contextmanager
+def cluster_file_lock(path: Path) -> Iterator[None]:
+    """The lock every writer of a cluster file takes (beside it, blocking): the
+    coordinator publishing a map, a Ray job and `recps shard` listing shards."""
+    with open(path.parent / ".cluster.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _view(d: dict[str, Any]) -> CoordinatorState:

@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -58,6 +57,7 @@ from recps.embedding.config import TieredStoreConfig
 from recps.ps.client import PSClient
 from recps.ps.cluster import pid_alive
 from recps.ps.config import ClientConfig, ServerConfig
+from recps.ps.coordinator import cluster_file_lock
 from recps.ps.metrics import rss_bytes
 from recps.ps.routing import DEFAULT_NUM_SLOTS, ShardMap
 from recps.ps.server import PSServer, create_server
@@ -340,14 +340,6 @@ RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 def actor_name(cluster_id: str, shard_id: int) -> str:
     return f"recps-ps-{cluster_id}-{shard_id}"
-
-
-@contextlib.contextmanager
-def cluster_file_lock(path: Path) -> Iterator[None]:
-    """The lock every writer of a cluster file takes (the coordinator's publish too)."""
-    with open(path.parent / ".cluster.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def _gcs_address() -> str:
