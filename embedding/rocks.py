@@ -31,6 +31,7 @@ def _options(cfg: TieredStoreConfig, cache: rd.Cache | None) -> rd.Options:
     opts.set_max_background_jobs(2)
     # Rows are dense random floats: compression costs CPU and saves nothing.
     opts.set_compression_type(rd.DBCompressionType.none())
+    opts.set_allow_mmap_reads(cfg.mmap_reads)
     bbo = rd.BlockBasedOptions()
     if cfg.bloom_bits_per_key:
         bbo.set_bloom_filter(cfg.bloom_bits_per_key, False)

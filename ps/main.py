@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serving shards a delta is split into (default: the training shards)",
     )
     p.add_argument(
+        "--mmap-reads",
+        action="store_true",
+        help="read RocksDB files through mmap: faster cold reads, mapped pages count as RSS",
+    )
+    p.add_argument(
         "--glibc-malloc-defaults",
         action="store_true",
         help="do not pin glibc's malloc mmap/trim thresholds at start-up",
@@ -88,6 +93,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
             memory_budget_bytes=a.memory_mb << 20,
             durability=a.durability,
             flush_interval_ms=a.flush_interval_ms,
+            mmap_reads=a.mmap_reads,
         ),
         max_message_bytes=a.max_message_mb << 20,
         max_concurrent_rpcs=a.max_concurrent_rpcs,

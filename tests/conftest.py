@@ -44,6 +44,7 @@ def tiered_config(
     memory_budget_bytes: int = TINY_BUDGET_BYTES,
     durability: str = "async",
     flush_interval_ms: int = 3_600_000,
+    mmap_reads: bool = False,
 ) -> TieredStoreConfig:
     return TieredStoreConfig(
         memory_budget_bytes=memory_budget_bytes,
@@ -51,6 +52,7 @@ def tiered_config(
         flush_interval_ms=flush_interval_ms,
         block_cache_bytes=1 << 20,
         write_buffer_bytes=1 << 20,
+        mmap_reads=mmap_reads,
     )
 
 
@@ -67,7 +69,7 @@ def clock_cls() -> type[ManualClock]:
 
 @pytest.fixture
 def make_tiered(tmp_path: Path) -> Iterator[Callable[..., TieredStore]]:
-    """``make_tiered(cfg, budget=..., path=None, clock=None, durability="async")``.
+    """``make_tiered(cfg, budget=..., path=None, clock=None, durability="async", mmap_reads=...)``.
 
     Without ``path`` each call gets a fresh directory; pass the same ``path`` to reopen.
     """
@@ -81,10 +83,12 @@ def make_tiered(tmp_path: Path) -> Iterator[Callable[..., TieredStore]]:
         path: Path | None = None,
         clock: Callable[[], float] | None = None,
         durability: str = "async",
+        mmap_reads: bool = False,
     ) -> TieredStore:
         if path is None:
             path = tmp_path / f"tiered-{next(counter)}"
-        store = TieredStore(path, cfg, tiered_config(budget, durability), clock=clock)
+        store_cfg = tiered_config(budget, durability, mmap_reads=mmap_reads)
+        store = TieredStore(path, cfg, store_cfg, clock=clock)
         opened.append(store)
         return store
 

@@ -21,3 +21,18 @@ def test_unknown_command_is_an_argparse_error() -> None:
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["no-such-command"])
     assert e.value.code == 2
+
+
+def test_ps_start_store_flags_reach_the_server_config(tmp_path) -> None:
+    import argparse
+
+    from recps.ps.main import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    plain = config_from_args(p.parse_args(["--data-dir", str(tmp_path)]))
+    assert plain.store.mmap_reads is False
+    args = ["--data-dir", str(tmp_path), "--mmap-reads", "--memory-mb", "32"]
+    cfg = config_from_args(p.parse_args(args))
+    assert cfg.store.mmap_reads is True
+    assert cfg.store.memory_budget_bytes == 32 << 20

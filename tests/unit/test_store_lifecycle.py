@@ -556,8 +556,9 @@ BIG_BUDGET = 2 << 20
 BIG_ROWS = 100_000
 
 
-def test_table_many_times_the_memory_budget_round_trips(make_tiered, clock) -> None:
-    tiered = make_tiered(BIG_CFG, budget=BIG_BUDGET, clock=clock)
+@pytest.mark.parametrize("mmap_reads", [False, True], ids=["pread", "mmap"])
+def test_table_many_times_the_memory_budget_round_trips(make_tiered, clock, mmap_reads) -> None:
+    tiered = make_tiered(BIG_CFG, budget=BIG_BUDGET, clock=clock, mmap_reads=mmap_reads)
     memory = MemoryStore(BIG_CFG, clock=clock)
     capacity = int(tiered.stats().extra["hot_capacity_rows"])
     assert 8 * capacity <= BIG_ROWS, f"capacity {capacity} rows: the table would mostly fit"
@@ -592,6 +593,11 @@ def test_table_many_times_the_memory_budget_round_trips(make_tiered, clock) -> N
     assert st.memory_bytes >= 0.9 * BIG_BUDGET, f"{st.memory_bytes} B: budget left unused"
     assert st.evictions >= BIG_ROWS - capacity
     check_bounded("at the end")
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # the knob reaches RocksDB: SST files are mapped exactly when asked
+        mapped = [ln for ln in maps.read_text().splitlines() if ln.endswith(".sst")]
+        mine = [ln for ln in mapped if str(tiered.path) in ln]
+        assert bool(mine) == mmap_reads, f"mmap_reads={mmap_reads}, mapped SSTs: {mine[:3]}"
 
 
 # ---- stats -------------------------------------------------------------------------------------
