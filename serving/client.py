@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 
 from recps.embedding import errors as E
+from recps.embedding.base import table_major_order
 from recps.proto import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc
 from recps.ps import wire
 from recps.ps.client import open_channel
@@ -355,7 +356,7 @@ def dedup_tables(
     turns the unique ids' rows back into rows in the caller's order.
 
     A ranking request has ~26 small tables: one ``np.unique`` each costs ~20 us, most of
-    it per call; one lexsort over (table, id) of the concatenation does them all. Tables
+    it per call; one sort over (table, id) of the concatenation does them all. Tables
     whose ids are already strictly increasing (the Ranker sends them so) are left alone.
     Expanded rows are copies, never views of a response buffer.
 
@@ -375,7 +376,7 @@ def dedup_tables(
     lens = np.array([len(arrays[k]) for k in todo], dtype=np.int64)
     cat = np.concatenate([arrays[k] for k in todo])
     seg = np.repeat(np.arange(len(todo), dtype=np.int64), lens)
-    order = np.lexsort((cat, seg))
+    order = table_major_order(cat, seg)
     ids, segs = cat.take(order), seg.take(order)
     first = np.empty(len(ids), dtype=bool)
     first[0] = True

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from recps.embedding.base import table_major_order
 from recps.embedding.errors import ConfigError, InvalidArgumentError
 from recps.embedding.feature_ids import (
     HASH_SCHEME,
@@ -270,7 +271,7 @@ class Ranker:
         lengths = np.array([len(p) for p in parts], dtype=np.int64)
         all_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         tix = np.repeat(self._feature_table_ix, lengths)
-        order = np.lexsort((all_ids, tix))
+        order = table_major_order(all_ids, tix)
         s_ids, s_tix = all_ids[order], tix[order]
         first = np.ones(len(order), dtype=bool)
         first[1:] = (s_ids[1:] != s_ids[:-1]) | (s_tix[1:] != s_tix[:-1])
@@ -281,13 +282,22 @@ class Ranker:
         uniq = {t: u_ids[bounds[k] : bounds[k + 1]] for k, t in enumerate(tables)}
         rows = self._lookup(uniq)
         starts = dict(zip(self._by_table_names, np.concatenate(([0], np.cumsum(lengths)[:-1]))))
+        gathered = None
+        if len({self._dims[t] for t in tables}) == 1:
+            # One gather for every feature (rows of all tables stacked in table order, as
+            # ``inverse`` numbers them), instead of one fancy index per feature.
+            stacked = np.concatenate([np.asarray(rows[t], dtype=np.float32) for t in tables])
+            gathered = stacked.take(inverse, axis=0)
         out = []
         for f in m.features:
             vals, offsets = ids[f.name]
             start = int(starts[f.name])
-            k = tables.index(f.table)
-            table_rows = np.asarray(rows[f.table], dtype=np.float32)
-            r = table_rows[inverse[start : start + len(vals)] - bounds[k]]
+            if gathered is not None:
+                r = gathered[start : start + len(vals)]
+            else:
+                k = tables.index(f.table)
+                table_rows = np.asarray(rows[f.table], dtype=np.float32)
+                r = table_rows[inverse[start : start + len(vals)] - bounds[k]]
             if offsets is None:
                 out.append(r)
                 continue

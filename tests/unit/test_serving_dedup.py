@@ -55,3 +55,19 @@ def test_expanded_rows_are_writable_copies_of_read_only_buffers() -> None:
     for r in out.values():
         assert r.flags.writeable
         r[0, 0] = -1.0  # the caller owns them
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(ids, st.integers(0, 40) | st.integers(0, 2**20)), max_size=40),
+)
+def test_table_major_order_sorts_pairs_as_lexsort_does(pairs: list[tuple[int, int]]) -> None:
+    from recps.embedding.base import table_major_order
+
+    i = np.array([p[0] for p in pairs], dtype=np.int64)
+    t = np.array([p[1] for p in pairs], dtype=np.int64)
+    order = table_major_order(i, t)
+    assert sorted(order.tolist()) == list(range(len(pairs)))  # a permutation
+    want = np.lexsort((i, t))
+    np.testing.assert_array_equal(t[order], t[want])  # equal pairs may swap, values may not
+    np.testing.assert_array_equal(i[order], i[want])
