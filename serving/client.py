@@ -369,12 +369,25 @@ def dedup_tables(
     """
     names = list(batch)
     arrays = [np.ascontiguousarray(np.asarray(batch[t]), dtype=np.int64).reshape(-1) for t in names]
-    todo = [k for k, a in enumerate(arrays) if len(a) > 1 and not bool((a[1:] > a[:-1]).all())]
     uniq = dict(zip(names, arrays))
+    if not arrays:
+        return uniq, _copies
+    # Which tables are not strictly increasing: one comparison over the concatenation,
+    # not one per table (~2 us each, 26 tables a request).
+    all_lens = np.array([len(a) for a in arrays], dtype=np.int64)
+    ends = np.cumsum(all_lens)
+    cat = np.concatenate(arrays)
+    ok = cat[1:] > cat[:-1]  # pair (i, i+1) in order
+    cross = ends[:-1] - 1  # pairs that straddle a table boundary do not count
+    ok[cross[(cross >= 0) & (cross < len(ok))]] = True
+    unsorted = np.zeros(len(arrays), dtype=bool)
+    unsorted[np.searchsorted(ends, np.flatnonzero(~ok), side="right")] = True
+    todo = np.flatnonzero(unsorted).tolist()
     if not todo:
         return uniq, _copies
-    lens = np.array([len(arrays[k]) for k in todo], dtype=np.int64)
-    cat = np.concatenate([arrays[k] for k in todo])
+    lens = all_lens[todo]
+    if len(todo) < len(arrays):
+        cat = np.concatenate([arrays[k] for k in todo])
     seg = np.repeat(np.arange(len(todo), dtype=np.int64), lens)
     order = table_major_order(cat, seg)
     ids, segs = cat.take(order), seg.take(order)
