@@ -14,6 +14,11 @@ an entry's index key is a 64-bit mix of (table, id), and the real table and id a
 stored beside the row and compared on every hit, so a (vanishingly rare) key collision
 is a miss, never a wrong row. Capacity is shared: hot tables take the room they need.
 
+**Freshness.** ``ttl_s`` bounds how long a row is served after it was admitted: an older
+entry is a miss (and is refreshed by the caller's next ``admit``). The ranking service's
+near cache uses it, since the replica it caches may apply deltas underneath; the
+replica's own cache needs none (it drops rows a delta changes, see ``invalidate``).
+
 Example:
     >>> import numpy as np
     >>> cache = RowCache(dim=2, capacity_rows=100, tables=2)
@@ -28,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,13 +69,23 @@ class RowCache:
     (every lookup misses, nothing is kept).
     """
 
-    def __init__(self, dim: int, capacity_rows: int, tables: int = 1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        capacity_rows: int,
+        tables: int = 1,
+        ttl_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if dim < 1 or capacity_rows < 0 or tables < 1:
             raise ConfigError(
                 f"cache needs dim >= 1, capacity_rows >= 0 and tables >= 1, got {dim}, "
                 f"{capacity_rows}, {tables}"
             )
+        if ttl_s is not None and not ttl_s > 0:
+            raise ConfigError(f"cache ttl_s must be > 0 (or None: no expiry), got {ttl_s}")
         self.dim, self.tables = dim, tables
+        self.ttl_s, self._clock = ttl_s, clock
         self._tier: HotTier | None = None
         if capacity_rows:
             # HotTier sizes itself from a byte budget (rows + a power-of-two index at load
@@ -125,10 +142,13 @@ class RowCache:
         with self._lock:
             slots = tier.find(keys)
             hit = slots >= 0
-            if self._shared:
+            if self._shared or self.ttl_s is not None:
                 s = np.where(hit, slots, 0)
-                hit &= self._ids[s] == ids
-                hit &= self._tbl[s] == (0 if table is None else table)
+                if self._shared:
+                    hit &= self._ids[s] == ids
+                    hit &= self._tbl[s] == (0 if table is None else table)
+                if self.ttl_s is not None:  # admitted too long ago: stale, a miss
+                    hit &= tier.updated_at[s] >= self._clock() - self.ttl_s
             found = slots[hit]
             tier.touch(found)
             rows = take_rows(tier.emb, found)
@@ -144,8 +164,10 @@ class RowCache:
         keys: np.ndarray | None = None,
     ) -> None:
         """Keep ``rows`` (evicting cold rows). Entries already held are skipped (another
-        request may have admitted them meanwhile); beyond capacity, only the first
-        ``capacity`` are kept. ``keys`` (from :meth:`keys`) must be unique if given."""
+        request may have admitted them meanwhile), except with a ``ttl_s``, where they are
+        overwritten and their clock restarts (they were fetched again because they had
+        expired); beyond capacity, only the first ``capacity`` are kept. ``keys`` (from
+        :meth:`keys`) must be unique if given."""
         tier = self._tier
         if tier is None or not len(ids):
             return
@@ -163,8 +185,19 @@ class RowCache:
                 ids, rows, keys = ids[first], rows[first], keys[first]
                 table = None if table is None else table[first]
         with self._lock:
-            new = tier.find(keys) < 0
+            held = tier.find(keys)
+            new = held < 0
             if not new.all():
+                if self.ttl_s is not None:
+                    old = np.flatnonzero(~new)
+                    s = held[old]
+                    if self._shared:  # the slot may hold another pair with the same key
+                        same = (self._ids[s] == ids[old]) & (
+                            self._tbl[s] == (0 if table is None else table[old])
+                        )
+                        old, s = old[same], s[same]
+                    put_rows(tier.emb, s, rows[old])
+                    tier.updated_at[s] = self._clock()
                 ids, rows, keys = ids[new], rows[new], keys[new]
                 table = None if table is None else table[new]
             k = len(keys)
@@ -181,6 +214,8 @@ class RowCache:
                 self._evictions += len(victims)
             slots = tier.insert(keys)
             put_rows(tier.emb, slots, rows)
+            if self.ttl_s is not None:
+                tier.updated_at[slots] = self._clock()
             if self._shared:
                 self._ids[slots] = ids
                 self._tbl[slots] = 0 if table is None else table

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES
+from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, cpu_rpc_workers
 from recps.ps.main import add_security_arguments, security_from_args
 from recps.serving.replica import ReplicaConfig
 
@@ -60,7 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-verify", action="store_true", help="skip sha256 checks of the ingested files"
     )
     p.add_argument("--max-concurrent-rpcs", type=int, default=64)
-    p.add_argument("--max-workers", type=int, default=8)
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=cpu_rpc_workers(),
+        help="gRPC handler threads (default: one per core, 2..8)",
+    )
     p.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES >> 20)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port; 0 = any")
     add_security_arguments(p)

@@ -39,6 +39,7 @@ from recps.embedding.feature_ids import (
     hash_int_columns,
     hash_int_ids,
 )
+from recps.serving.cache import CacheStats, RowCache
 from recps.serving.model_format import (
     TOWER_FILE,
     ModelManifest,
@@ -58,6 +59,12 @@ class RankerConfig:
     ``device`` "auto" runs the tower on CUDA when present, else CPU. ``threads`` caps torch's
     intra-op threads (0 = torch's default); small towers on many concurrent requests do
     better with 1.
+
+    ``near_cache_rows`` > 0 keeps that many embedding rows (per embedding dim) in this
+    process, in front of ``lookup``: a request whose rows are all cached makes no lookup
+    call at all. A cached row is served for at most ``near_cache_ttl_s`` after it was
+    fetched, so rows the replicas change (online deltas) reach the scores within that
+    bound; a new model version gets a new, empty cache.
     """
 
     model: str
@@ -65,12 +72,16 @@ class RankerConfig:
     max_candidates: int = 10_000
     threads: int = 1
     verify_checksums: bool = True
+    near_cache_rows: int = 0
+    near_cache_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_candidates < 1:
             raise ConfigError("max_candidates must be >= 1")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
+        if self.near_cache_rows < 0 or not self.near_cache_ttl_s > 0:
+            raise ConfigError("near_cache_rows must be >= 0 and near_cache_ttl_s > 0")
 
 
 def resolve_version_dir(model: str | Path) -> Path:
@@ -133,6 +144,17 @@ class Ranker:
                 [*self.manifest.dense_features, *(f.input for f in self.manifest.features)]
             )
         )
+        # The near cache: one RowCache per embedding dim, keyed by (table index, id).
+        self._near: list[tuple[RowCache, list[int]]] = []
+        if config.near_cache_rows:
+            by_dim: dict[int, list[int]] = {}
+            for k, t in enumerate(self._tables):
+                by_dim.setdefault(self._dims[t], []).append(k)
+            for dim, ks in by_dim.items():
+                cache = RowCache(
+                    dim, config.near_cache_rows, len(self._tables), config.near_cache_ttl_s
+                )
+                self._near.append((cache, ks))
 
     # ---- features ------------------------------------------------------------------------
 
@@ -279,8 +301,7 @@ class Ranker:
         inverse[order] = np.cumsum(first) - 1
         u_ids, u_tix = s_ids[first], s_tix[first]
         bounds = np.searchsorted(u_tix, np.arange(len(tables) + 1))
-        uniq = {t: u_ids[bounds[k] : bounds[k + 1]] for k, t in enumerate(tables)}
-        rows = self._lookup(uniq)
+        rows = self._fetch(u_ids, u_tix, bounds)
         starts = dict(zip(self._by_table_names, np.concatenate(([0], np.cumsum(lengths)[:-1]))))
         gathered = None
         if len({self._dims[t] for t in tables}) == 1:
@@ -311,6 +332,62 @@ class Ranker:
                 pooled[nonempty] /= counts[nonempty, None]
             out.append(pooled)
         return out
+
+    def _fetch(
+        self, u_ids: np.ndarray, u_tix: np.ndarray, bounds: np.ndarray
+    ) -> Mapping[str, np.ndarray]:
+        """Rows of the unique (table, id) pairs, table-major (``bounds`` cuts the tables):
+        from the near cache where it holds them fresh, the rest in one lookup call."""
+        tables = self._tables
+        if not self._near:
+            return self._lookup({t: u_ids[bounds[k] : bounds[k + 1]] for k, t in enumerate(tables)})
+        want: dict[str, np.ndarray] = {}  # every cache's misses: one lookup call for all
+        groups = []
+        for cache, ks in self._near:
+            if len(ks) == len(tables):
+                ids, tix = u_ids, u_tix
+            else:
+                pick = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in ks])
+                ids, tix = u_ids[pick], u_tix[pick]
+            hit, hit_rows = cache.lookup(ids, tix)
+            if hit.all():
+                groups.append((cache, ks, tix, hit_rows, None))
+                continue
+            rows = np.empty((len(ids), cache.dim), np.float32)
+            rows[hit] = hit_rows
+            miss = np.flatnonzero(~hit)
+            m_ids, m_tix = ids[miss], tix[miss]
+            mb = np.searchsorted(m_tix, np.arange(len(tables) + 1))
+            asked = [tables[k] for k in ks if mb[k + 1] > mb[k]]
+            want.update({tables[k]: m_ids[mb[k] : mb[k + 1]] for k in ks if mb[k + 1] > mb[k]})
+            groups.append((cache, ks, tix, rows, (miss, m_ids, m_tix, asked)))
+        got = self._lookup(want) if want else {}
+        out: dict[str, np.ndarray] = {}
+        for cache, ks, tix, rows, missed in groups:
+            if missed is not None:
+                miss, m_ids, m_tix, asked = missed
+                # ``asked`` is table-major like m_ids, so the tables' rows line up with them.
+                fetched = np.concatenate([np.asarray(got[t], dtype=np.float32) for t in asked])
+                rows[miss] = fetched
+                cache.admit(m_ids, fetched, m_tix)
+            gb = np.searchsorted(tix, np.arange(len(tables) + 1))
+            for k in ks:
+                out[tables[k]] = rows[gb[k] : gb[k + 1]]
+        return out
+
+    def near_cache_stats(self) -> CacheStats | None:
+        """Hits, misses and rows of the near cache (all dims together), or None if off."""
+        if not self._near:
+            return None
+        parts = [c.stats() for c, _ in self._near]
+        return CacheStats(
+            rows=sum(p.rows for p in parts),
+            capacity=sum(p.capacity for p in parts),
+            hits=sum(p.hits for p in parts),
+            misses=sum(p.misses for p in parts),
+            evictions=sum(p.evictions for p in parts),
+            memory_bytes=sum(p.memory_bytes for p in parts),
+        )
 
     def score(
         self, context: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]

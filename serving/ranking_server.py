@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from recps.embedding import errors as E
 from recps.proto import ranking_pb2, ranking_pb2_grpc
-from recps.ps.config import TlsConfig
+from recps.ps.config import TlsConfig, cpu_rpc_workers
 from recps.ps.errors import abort, code_of
 from recps.ps.server import AuthInterceptor, add_port
 from recps.serving.client import ServingClient, ServingClientConfig
@@ -67,9 +67,13 @@ class RankingServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # gRPC; 0 = any free port
     http_port: int | None = 0  # None = no HTTP endpoint
-    max_workers: int = 8
+    max_workers: int = field(default_factory=cpu_rpc_workers)  # gRPC handler threads
     watch_interval_s: float = 0.0  # > 0: follow new versions under a model root
     threads: int = 1  # torch intra-op threads per request
+    # Embedding rows kept in this process in front of the replicas (per embedding dim;
+    # 0: off), each served for at most near_cache_ttl_s after it was fetched.
+    near_cache_rows: int = 262_144
+    near_cache_ttl_s: float = 5.0
     lookup_timeout_s: float = 1.0
     auth_token: str | None = None
     tls: TlsConfig | None = None  # server side (cert_file + key_file)
@@ -82,6 +86,8 @@ class RankingServerConfig:
             raise E.ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.watch_interval_s < 0 or self.max_workers < 1:
             raise E.ConfigError("watch_interval_s must be >= 0 and max_workers >= 1")
+        if self.near_cache_rows < 0 or not self.near_cache_ttl_s > 0:
+            raise E.ConfigError("near_cache_rows must be >= 0 and near_cache_ttl_s > 0")
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,14 @@ class RankingService:
         self.version_gauge = Gauge(
             "recps_ranking_model_version", "Model version scoring requests", registry=self.registry
         )
+        near = Gauge(
+            "recps_ranking_near_cache",
+            "Near cache of the current model version: hits and misses (ids), rows held",
+            ["stat"],
+            registry=self.registry,
+        )
+        for stat in ("hits", "misses", "rows"):
+            near.labels(stat).set_function(lambda stat=stat: self._near_stat(stat))
         self.client = ServingClient(
             config.replicas,
             ServingClientConfig(
@@ -135,8 +149,15 @@ class RankingService:
             self._watcher.start()
 
     def _load(self, vdir: Path) -> Ranker:
+        c = self.config
         ranker = Ranker(
-            RankerConfig(model=str(vdir), threads=self.config.threads), self.client.lookup
+            RankerConfig(
+                model=str(vdir),
+                threads=c.threads,
+                near_cache_rows=c.near_cache_rows,
+                near_cache_ttl_s=c.near_cache_ttl_s,
+            ),
+            self.client.lookup,
         )
         self.version_gauge.set(ranker.version)
         log.info("ranking with model version %d from %s", ranker.version, vdir)
@@ -145,6 +166,11 @@ class RankingService:
     @property
     def version(self) -> int:
         return self._ranker.version
+
+    def _near_stat(self, stat: str) -> float:
+        ranker = getattr(self, "_ranker", None)  # scraped before the first load finished
+        st = ranker.near_cache_stats() if ranker is not None else None
+        return float(getattr(st, stat)) if st is not None else 0.0
 
     def load_version(self, version: int | None = None) -> int:
         """Swap to ``version`` (None: the newest under the root); returns the version."""
@@ -459,7 +485,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=0, help="HTTP/JSON port (0: any; -1: no HTTP)")
     p.add_argument("--watch-interval-s", type=float, default=5.0, help="0: no hot swap")
     p.add_argument("--threads", type=int, default=1, help="torch threads per request")
-    p.add_argument("--max-workers", type=int, default=8)
+    p.add_argument(
+        "--near-cache-rows",
+        type=int,
+        default=RankingServerConfig.near_cache_rows,
+        help="embedding rows cached in this process, per dim (0: every lookup asks a replica)",
+    )
+    p.add_argument(
+        "--near-cache-ttl-s",
+        type=float,
+        default=RankingServerConfig.near_cache_ttl_s,
+        help="serve a cached row at most this long after it was fetched",
+    )
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=cpu_rpc_workers(),
+        help="gRPC handler threads (default: one per core, 2..8)",
+    )
     p.add_argument("--lookup-timeout-s", type=float, default=1.0)
     p.add_argument("--auth-token-file", help="file holding the bearer token (clients and replicas)")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key serves TLS")
@@ -477,6 +520,8 @@ def config_from_args(a: argparse.Namespace) -> RankingServerConfig:
         http_port=None if a.http_port < 0 else a.http_port,
         watch_interval_s=a.watch_interval_s,
         threads=a.threads,
+        near_cache_rows=a.near_cache_rows,
+        near_cache_ttl_s=a.near_cache_ttl_s,
         max_workers=a.max_workers,
         lookup_timeout_s=a.lookup_timeout_s,
         auth_token=token,

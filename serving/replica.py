@@ -59,7 +59,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from recps.embedding import errors as E
 from recps.embedding.config import InitializerConfig
 from recps.embedding.initializers import RowInitializer
 from recps.ps import delta as D
-from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
+from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig, cpu_rpc_workers
 from recps.ps.routing import ShardMap, slots_of_tables
 from recps.serving import model_format as mf
 from recps.serving.cache import CacheStats, RowCache
@@ -117,7 +117,8 @@ class ReplicaConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Beyond this many calls in flight gRPC answers RESOURCE_EXHAUSTED at once.
     max_concurrent_rpcs: int = 64
-    max_workers: int = 8  # gRPC threads; lookups hold the GIL for most of their work
+    # gRPC threads; lookups hold the GIL for most of their work (see cpu_rpc_workers)
+    max_workers: int = field(default_factory=cpu_rpc_workers)
     tls: TlsConfig | None = None
     auth_token: str | None = None  # bearer token required in call metadata when set
     metrics_port: int | None = None  # None: no Prometheus endpoint; 0: ephemeral

@@ -175,6 +175,10 @@ def served(ps_module_group: ShardGroup, tmp_path_factory: pytest.TempPathFactory
             "0",
             "--watch-interval-s",
             "0",
+            # The near cache on (the default), but rows live 50 ms: repeated requests
+            # still reach the replicas, so failover below is exercised.
+            "--near-cache-ttl-s",
+            "0.05",
         ],
         tmp / "ranking.log",
     ).start()
@@ -288,6 +292,12 @@ def test_http_predict_health_metrics_and_bad_input(served: Served) -> None:
     assert _http(served, "/healthz") == (200, {"status": "SERVING", "model_version": STEPS})
     code, text = _http(served, "/metrics")
     assert code == 200 and 'recps_predict_latency_seconds_count{endpoint="http"}' in text
+    near = {
+        line.split("{")[1].split("}")[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("recps_ranking_near_cache{")
+    }
+    assert near['stat="misses"'] > 0 and near['stat="rows"'] > 0, near
     code, body = _http(served, "/predict", raw=b"{not json")
     assert code == 400 and body["status"] == "INVALID_ARGUMENT"
     code, body = _http(served, "/predict", {"context": {}, "candidates": []})

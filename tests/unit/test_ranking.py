@@ -85,10 +85,11 @@ class Rows:
 
     def __init__(self) -> None:
         self.calls: list[dict[str, np.ndarray]] = []
+        self.shift = 0.0  # change every stored row (as an applied delta would)
 
     def row(self, table: str, ids: np.ndarray) -> np.ndarray:
         base = (np.abs(ids) % 997).astype(np.float32)[:, None] / 997.0
-        return base * np.arange(1, DIM[table] + 1, dtype=np.float32) - 0.3
+        return base * np.arange(1, DIM[table] + 1, dtype=np.float32) - 0.3 + self.shift
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls.append({t: np.asarray(v).copy() for t, v in batch.items()})
@@ -180,3 +181,48 @@ def test_a_model_hashed_with_another_scheme_is_refused(tmp_path: Path) -> None:
     (vdir / MANIFEST_FILE).write_text(m)
     with pytest.raises(E.ConfigError, match="other-scheme-v9"):
         Ranker(RankerConfig(str(vdir)), Rows())
+
+
+def test_the_near_cache_answers_repeats_without_a_lookup_until_its_ttl(tmp_path: Path) -> None:
+    make_version(tmp_path, 1)
+    rows = Rows()
+    ttl = 0.5
+    cfg = RankerConfig(str(tmp_path), near_cache_rows=64, near_cache_ttl_s=ttl)
+    ranker = Ranker(cfg, rows)  # tables of dims 3, 3 and 2: two caches
+    ctx = {"user": "68fd1e64", "I1": 12, "tags": ["a", "b"]}
+    cands = [{"item": 5}, {"item": "abc"}, {"item": 7, "tags": ["c"]}]
+    want = by_hand(rows, ctx, cands)
+    t0 = time.monotonic()
+    np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-5, atol=1e-6)
+    assert len(rows.calls) == 1, "the repeat was answered from the near cache"
+    # One new item: only its row is fetched.
+    more = [*cands, {"item": 11}]
+    np.testing.assert_allclose(
+        ranker.score(ctx, more), by_hand(rows, ctx, more), rtol=1e-5, atol=1e-6
+    )
+    assert {t: v.tolist() for t, v in rows.calls[-1].items()} == {
+        "item": hash_column(pa.array([11]), "item").tolist()
+    }
+    st = ranker.near_cache_stats()
+    assert st is not None and st.rows == 8 and st.hits >= 7 + 7 and st.misses == 7 + 1
+    # The replicas' rows change: the cache serves the old ones until they are ttl old.
+    rows.shift = 0.25
+    if time.monotonic() - t0 < ttl * 0.8:
+        np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-5, atol=1e-6)
+    time.sleep(ttl * 1.2)
+    fresh = by_hand(rows, ctx, cands)
+    assert not np.allclose(fresh, want)
+    np.testing.assert_allclose(ranker.score(ctx, cands), fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_near_cache_every_request_looks_up(tmp_path: Path) -> None:
+    make_version(tmp_path, 1)
+    rows = Rows()
+    ranker = Ranker(RankerConfig(str(tmp_path)), rows)
+    ctx, cands = {"user": 1, "I1": 3}, [{"item": 5}]
+    ranker.score(ctx, cands)
+    ranker.score(ctx, cands)
+    assert len(rows.calls) == 2 and ranker.near_cache_stats() is None
+    with pytest.raises(E.ConfigError, match="near_cache"):
+        RankerConfig(str(tmp_path), near_cache_rows=-1)

@@ -185,3 +185,40 @@ def test_shared_cache_hits_are_always_the_right_row(ops, colliding: bool) -> Non
                 np.testing.assert_array_equal(r, admitted[tuple(k)])
         per_table = [cache.stats(t).rows for t in range(3)]
         assert sum(per_table) == cache.stats().rows <= 16
+
+
+@pytest.mark.parametrize("tables", [1, 3])
+def test_rows_older_than_the_ttl_miss_and_admit_refreshes_them(tables: int) -> None:
+    now = [100.0]
+    cache = RowCache(4, 64, tables=tables, ttl_s=2.0, clock=lambda: now[0])
+    ids = np.arange(10, dtype=np.int64)
+    tbl = None if tables == 1 else ids % tables
+    cache.admit(ids[:6], _rows(ids[:6], 4), None if tbl is None else tbl[:6])
+    now[0] += 1.5
+    cache.admit(ids[6:], _rows(ids[6:], 4), None if tbl is None else tbl[6:])
+    hit, _ = cache.lookup(ids, tbl)
+    assert hit.all()
+    now[0] += 1.0  # the first six are 2.5 s old, the rest 1.0 s
+    hit, rows = cache.lookup(ids, tbl)
+    assert hit.tolist() == [False] * 6 + [True] * 4
+    np.testing.assert_array_equal(rows, _rows(ids[6:], 4))
+    # Fetched again with new values: the stale entries take them and count from now.
+    fresh = _rows(ids[:6], 4) + 0.5
+    cache.admit(ids[:6], fresh, None if tbl is None else tbl[:6])
+    hit, rows = cache.lookup(ids[:6], None if tbl is None else tbl[:6])
+    assert hit.all()
+    np.testing.assert_array_equal(rows, fresh)
+    assert cache.stats().rows == 10  # refreshed in place, not duplicated
+
+
+def test_without_a_ttl_admitting_a_held_row_keeps_the_first() -> None:
+    cache = RowCache(2, 16)
+    ids = np.array([3], dtype=np.int64)
+    cache.admit(ids, _rows(ids, 2))
+    cache.admit(ids, _rows(ids, 2) + 1)
+    np.testing.assert_array_equal(cache.lookup(ids)[1], _rows(ids, 2))
+
+
+def test_a_ttl_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="ttl_s"):
+        RowCache(2, 16, ttl_s=0)
