@@ -388,6 +388,18 @@ def _fetch_tables(
             start += hi - lo
 
 
+def _each_strictly_increasing(flat: np.ndarray, lens: Sequence[int]) -> bool:
+    """Whether every part of ``flat`` (cut by ``lens``) is strictly increasing: one
+    comparison over the whole, pairs that straddle two parts excepted."""
+    if len(flat) < 2:
+        return True
+    ok = flat[1:] > flat[:-1]
+    if len(lens) > 1:
+        cross = np.cumsum(lens[:-1]) - 1  # pair (end of a part, start of the next)
+        ok[cross[(cross >= 0) & (cross < len(ok))]] = True
+    return bool(ok.all())
+
+
 def _lookup_group(tables: Sequence[_ServingTable], ids: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Rows for ``ids[i]`` of ``tables[i]``, tables of one dim sharing one cache.
 
@@ -403,10 +415,18 @@ def _lookup_group(tables: Sequence[_ServingTable], ids: Sequence[np.ndarray]) ->
     flat = np.concatenate(ids) if len(ids) > 1 else np.asarray(ids[0])
     which = np.repeat(np.array([t.cache_index for t in tables], dtype=np.intp), lens)
     keys = cache.keys(flat, which)
-    ukeys, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    uids, uwhich = flat[first], which[first]
-    if len(ukeys) < len(flat) and not (
-        np.array_equal(uids[inverse], flat) and np.array_equal(uwhich[inverse], which)
+    inverse: np.ndarray | None = None
+    if _each_strictly_increasing(flat, lens):
+        # Clients send each table's ids sorted and unique (ServingClient and PSClient
+        # both do): the pairs are unique already, and the rows need no gather back.
+        ukeys, uids, uwhich = keys, flat, which
+    else:
+        ukeys, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        uids, uwhich = flat[first], which[first]
+    if (
+        inverse is not None
+        and len(ukeys) < len(flat)
+        and not (np.array_equal(uids[inverse], flat) and np.array_equal(uwhich[inverse], which))
     ):
         # Two different (table, id) pairs share a 64-bit key (odds ~n^2 / 2^64): one
         # table at a time instead, where the key is a bijection of the id, so exact.
@@ -427,8 +447,10 @@ def _lookup_group(tables: Sequence[_ServingTable], ids: Sequence[np.ndarray]) ->
             _fetch_tables(tables, uids, uwhich, miss, rows)
         with guard.lock:
             if guard.epoch == seen:  # else a delta landed meanwhile: these may be older
-                cache.admit(uids[miss], rows[miss], uwhich[miss], ukeys[miss])
-    full = rows.take(inverse.reshape(-1), axis=0)
+                # Keys are unique only if np.unique made them so; else admit checks.
+                keys_ok = None if inverse is None else ukeys[miss]
+                cache.admit(uids[miss], rows[miss], uwhich[miss], keys_ok)
+    full = rows if inverse is None else rows.take(inverse.reshape(-1), axis=0)
     out, start = [], 0
     for n in lens:
         out.append(full[start : start + n])

@@ -754,20 +754,28 @@ def test_a_key_collision_across_tables_never_serves_a_wrong_row(
     from recps.serving.cache import RowCache
 
     root = tmp_path / "model"
-    both = ids["f32"][:100]
+    both = np.sort(ids["f32"][:100])
     tables = {  # the same ids in two tables of one dim (one shared cache)
         "a": (both, _rows(both, 4, 1), "float32", ZEROS),
         "b": (both, _rows(both, 4, 1) + 100, "float16", ZEROS),
     }
     make_version(root, 1, tables)
     # Keys that ignore the table: (a, id) and (b, id) always collide.
-    monkeypatch.setattr(RowCache, "keys", lambda self, ids, table=None: ids)
+    for name in ("keys", "_keys"):  # what the replica calls, and what admit calls
+        monkeypatch.setattr(RowCache, name, lambda self, ids, table=None: ids)
     replica = ServingReplica(ReplicaConfig(model=str(root), data_dir=str(tmp_path / "d")))
+    assert (np.diff(both) > 0).all()
+    want_b = tables["b"][1].astype(np.float16).astype(np.float32)
     try:
-        for _ in range(3):  # cold, then from the cache
-            got = replica.lookup({"a": both[::-1], "b": both})
+        for i in range(3):  # cold, then from the cache
+            got = replica.lookup({"a": both, "b": both})  # sorted: taken as unique pairs
+            np.testing.assert_array_equal(got["a"], tables["a"][1])
+            np.testing.assert_array_equal(got["b"], want_b)
+            if i == 0:  # one entry per key: the colliding pair was not admitted twice
+                caches = {t.table: t.cache for t in replica.status().current.tables}
+                assert caches["a"].rows + caches["b"].rows == len(both), caches
+            got = replica.lookup({"a": both[::-1], "b": both})  # deduplicated by key
             np.testing.assert_array_equal(got["a"], tables["a"][1][::-1])
-            want_b = tables["b"][1].astype(np.float16).astype(np.float32)
             np.testing.assert_array_equal(got["b"], want_b)
     finally:
         replica.close()
