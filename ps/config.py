@@ -67,9 +67,11 @@ class ServerConfig:
     # instead of queueing without bound.
     max_concurrent_rpcs: int = 64
     # gRPC's thread pool. Handlers hold the GIL for most of their numpy work, so threads
-    # beyond the cores mostly add switching; 8 keeps slow calls (checkpoints, cold RocksDB
-    # reads, which release the GIL) from blocking fast ones. Not yet re-measured against 2
-    # and 4 on the 2-core box: benchmarks/ps.py --max-workers N does that.
+    # beyond the cores mostly add switching: benchmarks/ps.py --quick --max-workers N on
+    # the 2-core box, lookups at concurrency 8, p99 14.8 ms with 8 threads, 13.0 with 4,
+    # 9.6 with 2 (throughput +16%). The shard still defaults to 8, unlike the serving
+    # processes (cpu_rpc_workers): its slow calls (checkpoints, restores, slot copies
+    # while rebalancing) would otherwise hold the few threads training's calls need.
     max_workers: int = 8
     tls: TlsConfig | None = None
     auth_token: str | None = None  # bearer token required in call metadata when set
