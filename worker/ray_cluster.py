@@ -408,6 +408,32 @@ class RayPSConfig:
     def shard_dir(self, shard_id: int) -> Path:
         return Path(self.data_dir) / f"shard-{shard_id}"
 
+    def shard_ids(self) -> list[int]:
+        """The shards to start: those of the newest map the shard directories hold (a job
+        restarted after `recps shard add|remove` keeps its ids, gaps included), else
+        ``0 .. num_shards-1`` on an empty ``data_dir``.
+
+        Raises ConfigError when the directories hold a different number of shards.
+        """
+        newest: ShardMap | None = None
+        for path in sorted(Path(self.data_dir).glob("shard-*/shard_map.json")):
+            try:
+                m = ShardMap.load(path)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise E.ConfigError(f"cannot read {path}: {e}") from e
+            if m.epoch > 0 and (newest is None or m.epoch > newest.epoch):
+                newest = m
+        if newest is None:
+            return list(range(self.num_shards))
+        ids = sorted(newest.shards)
+        if len(ids) != self.num_shards:
+            raise E.ConfigError(
+                f"{self.data_dir} holds a PS cluster of {len(ids)} shards (ids {ids}, map "
+                f"epoch {newest.epoch}), not {self.num_shards}; start it with "
+                f"num_shards={len(ids)} or use a new data_dir"
+            )
+        return ids
+
 
 def start_ps_shards(
     num_shards: int,
@@ -462,7 +488,8 @@ class RayPSCluster:
         if not ray.is_initialized():
             raise E.ConfigError("Ray is not running in this process; call init_ray() first")
         host = config.host if config.host is not None else _default_host()
-        bundles = [{"CPU": float(config.cpus_per_shard)}] * config.num_shards
+        shard_ids = config.shard_ids()
+        bundles = [{"CPU": float(config.cpus_per_shard)}] * len(shard_ids)
         cluster_id = uuid.uuid4().hex[:8]
         pg = placement_group(
             bundles, strategy=config.placement_strategy, name=f"recps-ps-{cluster_id}"
@@ -476,24 +503,24 @@ class RayPSCluster:
         actors = [
             PSShardActor.options(
                 # Named, so that `recps shard remove` (another Ray driver) can stop it.
-                name=actor_name(cluster_id, i),
+                name=actor_name(cluster_id, sid),
                 namespace=RAY_NAMESPACE,
                 num_cpus=config.cpus_per_shard,
                 max_restarts=config.max_restarts,
                 max_task_retries=0,  # a call cut by a crash fails; the caller decides
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    pg, placement_group_bundle_index=i
+                    pg, placement_group_bundle_index=k
                 ),
             ).remote(
-                i,
-                str(config.shard_dir(i)),
+                sid,
+                str(config.shard_dir(sid)),
                 host=host,
                 num_slots=config.num_slots,
                 memory_mb=config.memory_mb,
                 durability=config.durability,
                 flush_interval_ms=config.flush_interval_ms,
             )
-            for i in range(config.num_shards)
+            for k, sid in enumerate(shard_ids)
         ]
         try:
             infos = _ready_all(actors, config.ready_timeout_s)
@@ -533,9 +560,10 @@ class RayPSCluster:
         (its actor is gone); its last info stays.
         """
         in_map = set(self._newest_map().shards)
-        ids = [i for i in range(len(self.actors)) if i in in_map]
-        got = dict(zip(ids, _ready_all([self.actors[i] for i in ids], self._timeout(timeout_s))))
-        self.infos = [got.get(i, info) for i, info in enumerate(self.infos)]
+        # Actors and infos are in start order; their shard ids need not be 0..n-1.
+        ks = [k for k, i in enumerate(self.infos) if int(i["shard_id"]) in in_map]
+        got = dict(zip(ks, _ready_all([self.actors[k] for k in ks], self._timeout(timeout_s))))
+        self.infos = [got.get(k, info) for k, info in enumerate(self.infos)]
         self._known_pids.update({int(i["pid"]): i["node_ip"] for i in got.values()})
         return self.infos
 
@@ -660,7 +688,8 @@ class RayPSCluster:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         done_set = set(done)
         report: dict[int, str] = {}
-        for sid, ref in enumerate(refs):
+        sids = [int(i["shard_id"]) for i in self.infos]  # start order, as the actors
+        for sid, ref in zip(sids, refs):
             if ref not in done_set:
                 report[sid] = f"did not stop within {timeout_s:g} s; killed"
                 continue
@@ -678,7 +707,7 @@ class RayPSCluster:
         deadline = time.monotonic() + 10.0
         while any(pid_alive(p) for p in local) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for sid, info in enumerate(self.infos):
+        for sid, info in zip(sids, self.infos):
             pid = int(info["pid"])
             if pid in local and pid_alive(pid):
                 report[sid] += f"; pid {pid} still running"

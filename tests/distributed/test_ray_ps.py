@@ -361,8 +361,33 @@ def test_a_new_start_on_the_same_data_dir_keeps_map_and_rows(state: dict[str, An
                 assert_same(client.lookup({t: ids}), {t: store.lookup(ids)}, f"{t} reopened")
         pids = ps.pids
     assert [p for p in pids if alive(p)] == []
-    with pytest.raises(E.ConfigError, match="holds a PS cluster of 2 shards, not 3"):
+    with pytest.raises(E.ConfigError, match=r"holds a PS cluster of 2 shards \(ids \[0, 1\]"):
         start_ps_shards(3, state["root"] / "ps", 0.5, 16, "sync", NUM_SLOTS)
+
+
+def test_a_restart_after_shard_add_and_remove_keeps_the_gapped_ids(state: dict[str, Any]) -> None:
+    """Add shard 2, remove shard 1, stop: a new start on the data dir brings up shards 0
+    and 2, those of its newest map, with every row (before, it started 0 and 1)."""
+    ref: Reference = state["ref"]
+    root = state["root"]
+    with start_ps_shards(2, root / "ps", 0.5, 16, "sync", NUM_SLOTS) as ps:
+        path = ps.write_cluster_file(root / "gapped.json")
+        r = _recps("shard", "add", "--cluster-file", str(path), "--rebalance", "--yes", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = _recps("shard", "remove", "--shard", "1", "--cluster-file", str(path), "--yes")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert sorted(ps.refresh().shards) == [0, 2]
+        pids = set(ps.pids) | {int(s["pid"]) for s in read_cluster_file(path)["shards"]}
+    assert [p for p in pids if alive(p)] == []
+    with pytest.raises(E.ConfigError, match=r"2 shards \(ids \[0, 2\]"):
+        start_ps_shards(3, root / "ps", 0.5, 16, "sync", NUM_SLOTS)
+    with start_ps_shards(2, root / "ps", 0.5, 16, "sync", NUM_SLOTS) as ps:
+        assert sorted(ps.shard_map.shards) == [0, 2]
+        assert sorted(int(i["shard_id"]) for i in ps.infos) == [0, 2]
+        with ps.client(PATIENT) as client:
+            _all_rows(client, ref, "restarted on shards 0 and 2")
+            round_trip(client, ref, np.random.default_rng(9), "restarted on shards 0 and 2")
+        assert sorted(ps.shutdown()) == [0, 2]
 
 
 def test_config_from_a_job_section(tmp_path: Path) -> None:
