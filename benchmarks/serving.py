@@ -28,6 +28,11 @@ Zipf(1.1) over 1.2 x vocab values (the context carries the 13 dense values): 2,6
   ``LoadVersion``) and the ranking service (watching the root) while Predict traffic runs;
   failed requests are counted (must be 0), and ``swap_versions_seen`` shows both served.
 
+Replica and ranking service run with their default settings (one gRPC handler thread per
+core, the ranking service's near cache on). Each measurement follows one pass over the
+request set, so the figures are the warm steady state; in the full run (15 s phases) the
+near cache's 5 s TTL expires during the Predict phase, so re-fetches are included.
+
 Targets (issue 5): lookup_p99_ms <= 10, predict_p99_ms <= 25, swap_failed_requests == 0.
 """
 
