@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +111,26 @@ def _group(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     first[0] = True
     np.not_equal(sids[1:], sids[:-1], out=first[1:])
     return order, sids, first
+
+
+def unsorted_parts(flat: np.ndarray, lens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Which parts of ``flat`` (cut by ``lens``) are not strictly increasing, as a bool
+    array: one comparison over the whole (not one numpy call per part), pairs that
+    straddle two parts excepted.
+
+    Example:
+        >>> unsorted_parts(np.array([1, 5, 2, 3, 3]), [2, 1, 2]).tolist()
+        [False, False, True]
+    """
+    ends = np.cumsum(lens)
+    out = np.zeros(len(ends), dtype=bool)
+    if len(flat) < 2:
+        return out
+    ok = flat[1:] > flat[:-1]  # pair (i, i+1) in order
+    cross = ends[:-1] - 1  # the pair (last of a part, first of the next)
+    ok[cross[(cross >= 0) & (cross < len(ok))]] = True
+    out[np.searchsorted(ends, np.flatnonzero(~ok), side="right")] = True
+    return out
 
 
 def table_major_order(ids: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ import numpy as np
 import rocksdict as rd
 
 from recps.embedding import errors as E
+from recps.embedding.base import unsorted_parts
 from recps.embedding.config import InitializerConfig
 from recps.embedding.initializers import RowInitializer
 from recps.ps import delta as D
@@ -388,18 +389,6 @@ def _fetch_tables(
             start += hi - lo
 
 
-def _each_strictly_increasing(flat: np.ndarray, lens: Sequence[int]) -> bool:
-    """Whether every part of ``flat`` (cut by ``lens``) is strictly increasing: one
-    comparison over the whole, pairs that straddle two parts excepted."""
-    if len(flat) < 2:
-        return True
-    ok = flat[1:] > flat[:-1]
-    if len(lens) > 1:
-        cross = np.cumsum(lens[:-1]) - 1  # pair (end of a part, start of the next)
-        ok[cross[(cross >= 0) & (cross < len(ok))]] = True
-    return bool(ok.all())
-
-
 def _lookup_group(tables: Sequence[_ServingTable], ids: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Rows for ``ids[i]`` of ``tables[i]``, tables of one dim sharing one cache.
 
@@ -416,7 +405,7 @@ def _lookup_group(tables: Sequence[_ServingTable], ids: Sequence[np.ndarray]) ->
     which = np.repeat(np.array([t.cache_index for t in tables], dtype=np.intp), lens)
     keys = cache.keys(flat, which)
     inverse: np.ndarray | None = None
-    if _each_strictly_increasing(flat, lens):
+    if not unsorted_parts(flat, lens).any():
         # Clients send each table's ids sorted and unique (ServingClient and PSClient
         # both do): the pairs are unique already, and the rows need no gather back.
         ukeys, uids, uwhich = keys, flat, which
