@@ -129,13 +129,22 @@ class RowCache:
             counter += np.bincount(table[mask], minlength=self.tables)
 
     def lookup(
-        self, ids: np.ndarray, table: np.ndarray | None = None, keys: np.ndarray | None = None
+        self,
+        ids: np.ndarray,
+        table: np.ndarray | None = None,
+        keys: np.ndarray | None = None,
+        stale_ok: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(hit mask [n], rows of the hits [n_hit, dim])``; ``keys``: from :meth:`keys`."""
+        """``(hit mask [n], rows of the hits [n_hit, dim])``; ``keys``: from :meth:`keys`.
+
+        ``stale_ok`` also answers rows older than ``ttl_s`` (a fallback while the source is
+        down); such a call counts neither hits nor misses and marks nothing as used.
+        """
         tier = self._tier
         if tier is None or not len(ids):
-            with self._lock:
-                self._count(self._misses, table, np.ones(len(ids), dtype=bool))
+            if not stale_ok:
+                with self._lock:
+                    self._count(self._misses, table, np.ones(len(ids), dtype=bool))
             return np.zeros(len(ids), dtype=bool), np.empty((0, self.dim), np.float32)
         if keys is None:
             keys = self._keys(ids, table)
@@ -147,13 +156,14 @@ class RowCache:
                 if self._shared:
                     hit &= self._ids[s] == ids
                     hit &= self._tbl[s] == (0 if table is None else table)
-                if self.ttl_s is not None:  # admitted too long ago: stale, a miss
+                if self.ttl_s is not None and not stale_ok:  # admitted too long ago: a miss
                     hit &= tier.updated_at[s] >= self._clock() - self.ttl_s
             found = slots[hit]
-            tier.touch(found)
             rows = take_rows(tier.emb, found)
-            self._count(self._hits, table, hit)
-            self._count(self._misses, table, ~hit)
+            if not stale_ok:
+                tier.touch(found)
+                self._count(self._hits, table, hit)
+                self._count(self._misses, table, ~hit)
         return hit, rows
 
     def admit(

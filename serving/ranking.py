@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from recps.embedding.base import table_major_order
-from recps.embedding.errors import ConfigError, InvalidArgumentError
+from recps.embedding.errors import ConfigError, InvalidArgumentError, ShardUnavailableError
 from recps.embedding.feature_ids import (
     HASH_SCHEME,
     dense_transform,
@@ -64,7 +65,9 @@ class RankerConfig:
     process, in front of ``lookup``: a request whose rows are all cached makes no lookup
     call at all. A cached row is served for at most ``near_cache_ttl_s`` after it was
     fetched, so rows the replicas change (online deltas) reach the scores within that
-    bound; a new model version gets a new, empty cache.
+    bound; a new model version gets a new, empty cache. With ``serve_stale``, a request
+    whose refetch finds no replica answering is scored with the expired rows if the cache
+    still holds every one of them (``stale_rows_served`` counts them), instead of failing.
     """
 
     model: str
@@ -74,6 +77,7 @@ class RankerConfig:
     verify_checksums: bool = True
     near_cache_rows: int = 0
     near_cache_ttl_s: float = 5.0
+    serve_stale: bool = True
 
     def __post_init__(self) -> None:
         if self.max_candidates < 1:
@@ -155,6 +159,8 @@ class Ranker:
                     dim, config.near_cache_rows, len(self._tables), config.near_cache_ttl_s
                 )
                 self._near.append((cache, ks))
+        self.stale_rows_served = 0  # rows answered past their TTL while no replica answered
+        self._stale_lock = threading.Lock()
 
     # ---- features ------------------------------------------------------------------------
 
@@ -361,10 +367,15 @@ class Ranker:
             asked = [tables[k] for k in ks if mb[k + 1] > mb[k]]
             want.update({tables[k]: m_ids[mb[k] : mb[k + 1]] for k in ks if mb[k + 1] > mb[k]})
             groups.append((cache, ks, tix, rows, (miss, m_ids, m_tix, asked)))
-        got = self._lookup(want) if want else {}
+        try:
+            got = self._lookup(want) if want else {}
+        except ShardUnavailableError:
+            if not self.config.serve_stale or not self._fill_stale(groups):
+                raise
+            got = None
         out: dict[str, np.ndarray] = {}
         for cache, ks, tix, rows, missed in groups:
-            if missed is not None:
+            if missed is not None and got is not None:
                 miss, m_ids, m_tix, asked = missed
                 # ``asked`` is table-major like m_ids, so the tables' rows line up with them.
                 fetched = np.concatenate([np.asarray(got[t], dtype=np.float32) for t in asked])
@@ -374,6 +385,23 @@ class Ranker:
             for k in ks:
                 out[tables[k]] = rows[gb[k] : gb[k + 1]]
         return out
+
+    def _fill_stale(self, groups: list[Any]) -> bool:
+        """No replica answered: fill every miss from expired cache rows, if all are held."""
+        filled = []
+        for cache, _, _, rows, missed in groups:
+            if missed is None:
+                continue
+            miss, m_ids, m_tix, _ = missed
+            hit, stale = cache.lookup(m_ids, m_tix, stale_ok=True)
+            if not hit.all():
+                return False  # a row never fetched: nothing to fall back on
+            filled.append((rows, miss, stale))
+        for rows, miss, stale in filled:
+            rows[miss] = stale
+            with self._stale_lock:
+                self.stale_rows_served += len(miss)
+        return True
 
     def near_cache_stats(self) -> CacheStats | None:
         """Hits, misses and rows of the near cache (all dims together), or None if off."""

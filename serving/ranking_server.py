@@ -74,6 +74,8 @@ class RankingServerConfig:
     # 0: off), each served for at most near_cache_ttl_s after it was fetched.
     near_cache_rows: int = 262_144
     near_cache_ttl_s: float = 5.0
+    # No replica answering: score with expired near-cache rows when it holds them all.
+    serve_stale: bool = True
     lookup_timeout_s: float = 1.0
     auth_token: str | None = None
     tls: TlsConfig | None = None  # server side (cert_file + key_file)
@@ -125,11 +127,12 @@ class RankingService:
         )
         near = Gauge(
             "recps_ranking_near_cache",
-            "Near cache of the current model version: hits and misses (ids), rows held",
+            "Near cache of the current model version: hits and misses (ids), rows held, "
+            "expired rows served while no replica answered (stale)",
             ["stat"],
             registry=self.registry,
         )
-        for stat in ("hits", "misses", "rows"):
+        for stat in ("hits", "misses", "rows", "stale"):
             near.labels(stat).set_function(lambda stat=stat: self._near_stat(stat))
         self.client = ServingClient(
             config.replicas,
@@ -156,6 +159,7 @@ class RankingService:
                 threads=c.threads,
                 near_cache_rows=c.near_cache_rows,
                 near_cache_ttl_s=c.near_cache_ttl_s,
+                serve_stale=c.serve_stale,
             ),
             self.client.lookup,
         )
@@ -169,7 +173,11 @@ class RankingService:
 
     def _near_stat(self, stat: str) -> float:
         ranker = getattr(self, "_ranker", None)  # scraped before the first load finished
-        st = ranker.near_cache_stats() if ranker is not None else None
+        if ranker is None:
+            return 0.0
+        if stat == "stale":
+            return float(ranker.stale_rows_served)
+        st = ranker.near_cache_stats()
         return float(getattr(st, stat)) if st is not None else 0.0
 
     def load_version(self, version: int | None = None) -> int:
@@ -498,6 +506,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve a cached row at most this long after it was fetched",
     )
     p.add_argument(
+        "--no-serve-stale",
+        dest="serve_stale",
+        action="store_false",
+        help="fail a request when no replica answers, even if expired cached rows would do",
+    )
+    p.add_argument(
         "--max-workers",
         type=int,
         default=cpu_rpc_workers(),
@@ -522,6 +536,7 @@ def config_from_args(a: argparse.Namespace) -> RankingServerConfig:
         threads=a.threads,
         near_cache_rows=a.near_cache_rows,
         near_cache_ttl_s=a.near_cache_ttl_s,
+        serve_stale=a.serve_stale,
         max_workers=a.max_workers,
         lookup_timeout_s=a.lookup_timeout_s,
         auth_token=token,

@@ -226,3 +226,48 @@ def test_without_a_near_cache_every_request_looks_up(tmp_path: Path) -> None:
     assert len(rows.calls) == 2 and ranker.near_cache_stats() is None
     with pytest.raises(E.ConfigError, match="near_cache"):
         RankerConfig(str(tmp_path), near_cache_rows=-1)
+
+
+class Flaky(Rows):
+    """Rows that can stop answering, as when every replica is down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.down:
+            raise E.ShardUnavailableError("no replica could answer (test)")
+        return super().__call__(batch)
+
+
+@pytest.mark.parametrize("serve_stale", [True, False])
+def test_expired_near_cache_rows_score_a_request_while_no_replica_answers(
+    tmp_path: Path, serve_stale: bool
+) -> None:
+    make_version(tmp_path, 1)
+    rows = Flaky()
+    cfg = RankerConfig(
+        str(tmp_path), near_cache_rows=64, near_cache_ttl_s=0.2, serve_stale=serve_stale
+    )
+    ranker = Ranker(cfg, rows)
+    ctx = {"user": 7, "I1": 2, "tags": ["x"]}
+    cands = [{"item": 5}, {"item": 6, "tags": ["y", "z"]}]
+    want = by_hand(rows, ctx, cands)
+    np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-5, atol=1e-6)
+    rows.down = True
+    time.sleep(0.3)  # every cached row has expired, and the refetch fails
+    if serve_stale:
+        np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-5, atol=1e-6)
+        assert ranker.stale_rows_served == 6  # user 7, items 5 and 6, tags x, y and z
+    else:
+        with pytest.raises(E.ShardUnavailableError):
+            ranker.score(ctx, cands)
+        assert ranker.stale_rows_served == 0
+    # A row never fetched has nothing to fall back on: the request fails.
+    with pytest.raises(E.ShardUnavailableError):
+        ranker.score(ctx, [{"item": 999}])
+    rows.down = False  # back: fresh rows again, and no more stale ones
+    before = ranker.stale_rows_served
+    np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-5, atol=1e-6)
+    assert ranker.stale_rows_served == before
