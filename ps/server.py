@@ -1217,7 +1217,71 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return continuation(details)
 
 
-class PSServer:
+class GrpcServerProcess:
+    """What every recps gRPC server process shares (a PS shard, a serving replica): the
+    server with its limits, auth, health and reflection; ``server.json`` for operators and
+    harnesses; a graceful stop. Subclasses add their services, then call :meth:`_bind`,
+    and implement :meth:`_close` (what to close once in-flight calls are done).
+    """
+
+    config: Any  # ServerConfig or ReplicaConfig: the fields read here are common to both
+    metrics: ServerMetrics
+
+    def _grpc_server(self, thread_name_prefix: str) -> grpc.Server:
+        c = self.config
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(c.max_workers, thread_name_prefix=thread_name_prefix),
+            options=[
+                ("grpc.max_receive_message_length", c.max_message_bytes),
+                ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+            interceptors=[AuthInterceptor(c.auth_token)] if c.auth_token else [],
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self._stopped = threading.Event()
+        return self.grpc_server
+
+    def _bind(self, services: tuple[str, ...]) -> None:
+        """Reflection for ``services`` (health's and its own added), then the port."""
+        reflection.enable_server_reflection(
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        bind = f"{self.config.host}:{self.config.port}"
+        self.port = add_port(self.grpc_server, bind, self.config.tls)
+        if not self.port:
+            raise E.ConfigError(f"cannot bind {bind}")
+        self.address = f"{self.config.host}:{self.port}"
+
+    def _write_info(self, info: dict[str, Any]) -> None:
+        """``<data_dir>/server.json``, replaced atomically."""
+        path = Path(self.config.data_dir) / "server.json"
+        tmp = path.with_name("server.json.tmp")
+        tmp.write_text(json.dumps({"address": self.address, "port": self.port, **info}))
+        tmp.replace(path)
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Graceful: health NOT_SERVING, refuse new calls, let in-flight ones finish,
+        close (a shard flushes its tables), stop the metrics endpoint. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.grpc_server.stop(grace).wait()
+        self._close()
+        self.metrics.close()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+class PSServer(GrpcServerProcess):
     """A running shard: the gRPC server, its servicer, health and metrics."""
 
     def __init__(self, config: ServerConfig) -> None:
@@ -1225,30 +1289,8 @@ class PSServer:
         self.metrics = ServerMetrics(config.shard_id)
         self.servicer = PSServicer(config, self.metrics)
         self.metrics.attach_state(self.servicer.state_snapshot)
-        opts = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="recps-ps"),
-            options=opts,
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=interceptors,
-        )
-        add_servicer(self.servicer, self.grpc_server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
-        )
-        bind = f"{config.host}:{config.port}"
-        self.port = add_port(self.grpc_server, bind, config.tls)
-        if not self.port:
-            raise E.ConfigError(f"cannot bind {bind}")
-        self.address = f"{config.host}:{self.port}"
-        self._stopped = threading.Event()
+        add_servicer(self.servicer, self._grpc_server("recps-ps"))
+        self._bind((SERVICE,))
 
     def start(self) -> PSServer:
         self.grpc_server.start()
@@ -1257,31 +1299,17 @@ class PSServer:
             self.metrics.serve(self.config.host, self.config.metrics_port)
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        info = {
-            "address": self.address,
-            "port": self.port,
-            "pid": os.getpid(),
-            "shard_id": self.config.shard_id,
-            "metrics_port": self.metrics.port,
-        }
-        tmp = Path(self.config.data_dir) / "server.json.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(Path(self.config.data_dir) / "server.json")
+        self._write_info(
+            {
+                "pid": os.getpid(),
+                "shard_id": self.config.shard_id,
+                "metrics_port": self.metrics.port,
+            }
+        )
         return self
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Graceful: refuse new calls, let in-flight ones finish, flush, close."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        self.grpc_server.stop(grace).wait()
+    def _close(self) -> None:
         self.servicer.close()
-        self.metrics.close()
-
-    def wait(self) -> None:
-        self.grpc_server.wait_for_termination()
 
 
 def create_server(config: ServerConfig) -> tuple[PSServer, int]:

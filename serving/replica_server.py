@@ -13,18 +13,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 from recps.embedding import errors as E
 from recps.ps.config import TlsConfig
 from recps.ps.errors import from_rpc_error, register_error_classes
+from recps.ps.server import GrpcServerProcess
 from recps.serving.errors import wire_error_classes
 from recps.serving.replica import (
     ReplicaConfig,
@@ -308,7 +305,7 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
     return ReplicaServicer(), AdminServicer()
 
 
-class ReplicaServer:
+class ReplicaServer(GrpcServerProcess):
     """A running replica: the gRPC server (ParameterServer + ServingAdmin), health,
     reflection and metrics over one :class:`ServingReplica`.
 
@@ -318,48 +315,25 @@ class ReplicaServer:
     """
 
     def __init__(self, config: ReplicaConfig, replica: ServingReplica | None = None) -> None:
-        import grpc
-        from grpc_health.v1 import health, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
-
         from recps.proto import serving_pb2_grpc
         from recps.ps.metrics import ServerMetrics
-        from recps.ps.server import AuthInterceptor, add_port, add_servicer
+        from recps.ps.server import add_servicer
 
         self.config = config
         self.replica = replica if replica is not None else ServingReplica(config)
         held = self.replica.held_shards()
         self.metrics = ServerMetrics(held[0] if held else 0)
         self.metrics.registry.register(_ServingCollector(self.replica))  # type: ignore[arg-type]
-        opts = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="recps-serve"),
-            options=opts,
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=interceptors,
-        )
+        server = self._grpc_server("recps-serve")
         self.address = ""  # set once bound (GetShardMap names it)
         ps_servicer, admin_servicer = _make_servicers(self)
-        add_servicer(ps_servicer, self.grpc_server)  # Lookup returns pre-serialized bytes
-        serving_pb2_grpc.add_ServingAdminServicer_to_server(admin_servicer, self.grpc_server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            (SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self.grpc_server,
-        )
-        bind = f"{config.host}:{config.port}"
-        self.port = add_port(self.grpc_server, bind, config.tls)
-        if not self.port:
+        add_servicer(ps_servicer, server)  # Lookup returns pre-serialized bytes
+        serving_pb2_grpc.add_ServingAdminServicer_to_server(admin_servicer, server)
+        try:
+            self._bind((SERVICE, ADMIN_SERVICE))
+        except E.ConfigError:
             self.replica.close()
-            raise E.ConfigError(f"cannot bind {bind}")
-        self.address = f"{config.host}:{self.port}"
-        self._stopped = threading.Event()
+            raise
         self.replica.on_change.append(self._update_health)
 
     def _update_health(self) -> None:
@@ -383,33 +357,18 @@ class ReplicaServer:
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.host, self.config.metrics_port)
         self._update_health()
-        info = {
-            "address": self.address,
-            "port": self.port,
-            "pid": os.getpid(),
-            "shards": list(self.replica.held_shards()),
-            "version": self.replica.current_version,
-            "metrics_port": self.metrics.port,
-        }
-        path = Path(self.config.data_dir) / "server.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(path)
+        self._write_info(
+            {
+                "pid": os.getpid(),
+                "shards": list(self.replica.held_shards()),
+                "version": self.replica.current_version,
+                "metrics_port": self.metrics.port,
+            }
+        )
         return self
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Graceful: health NOT_SERVING, refuse new calls, let in-flight ones finish, close."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        self.grpc_server.stop(grace).wait()
+    def _close(self) -> None:
         self.replica.close()
-        self.metrics.close()
-
-    def wait(self) -> None:
-        self.grpc_server.wait_for_termination()
 
 
 def create_server(config: ReplicaConfig) -> tuple[ReplicaServer, int]:
