@@ -122,6 +122,13 @@ class RowCache:
 
     _keys = keys  # what lookup/admit call: tests may override it to force collisions
 
+    def _holds(self, slots: np.ndarray, ids: np.ndarray, table: np.ndarray | None) -> np.ndarray:
+        """Whether each slot holds exactly (table, id): in a shared cache a key may be
+        another pair's (a 64-bit collision); a one-table cache's key is the id itself."""
+        if not self._shared:
+            return np.ones(len(slots), dtype=bool)
+        return (self._ids[slots] == ids) & (self._tbl[slots] == (0 if table is None else table))
+
     def _count(self, counter: np.ndarray, table: np.ndarray | None, mask: np.ndarray) -> None:
         if self.tables == 1 or table is None:
             counter[0] += int(np.count_nonzero(mask))
@@ -153,9 +160,7 @@ class RowCache:
             hit = slots >= 0
             if self._shared or self.ttl_s is not None:
                 s = np.where(hit, slots, 0)
-                if self._shared:
-                    hit &= self._ids[s] == ids
-                    hit &= self._tbl[s] == (0 if table is None else table)
+                hit &= self._holds(s, ids, table)
                 if self.ttl_s is not None and not stale_ok:  # admitted too long ago: a miss
                     hit &= tier.updated_at[s] >= self._clock() - self.ttl_s
             found = slots[hit]
@@ -201,11 +206,9 @@ class RowCache:
                 if self.ttl_s is not None:
                     old = np.flatnonzero(~new)
                     s = held[old]
-                    if self._shared:  # the slot may hold another pair with the same key
-                        same = (self._ids[s] == ids[old]) & (
-                            self._tbl[s] == (0 if table is None else table[old])
-                        )
-                        old, s = old[same], s[same]
+                    # The slot may hold another pair with the same key.
+                    same = self._holds(s, ids[old], None if table is None else table[old])
+                    old, s = old[same], s[same]
                     put_rows(tier.emb, s, rows[old])
                     tier.updated_at[s] = self._clock()
                 ids, rows, keys = ids[new], rows[new], keys[new]
@@ -255,9 +258,7 @@ class RowCache:
         with self._lock:
             slots = tier.find(keys)
             hit = slots >= 0
-            if self._shared:
-                s = np.where(hit, slots, 0)
-                hit &= (self._ids[s] == ids) & (self._tbl[s] == table)
+            hit &= self._holds(np.where(hit, slots, 0), ids, tbl)
             found = slots[hit]
             if len(found):
                 tier.remove(found)
