@@ -84,8 +84,13 @@ class RankerConfig:
             raise ConfigError("max_candidates must be >= 1")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
-        if self.near_cache_rows < 0 or not self.near_cache_ttl_s > 0:
-            raise ConfigError("near_cache_rows must be >= 0 and near_cache_ttl_s > 0")
+        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s)
+
+
+def check_near_cache(rows: int, ttl_s: float) -> None:
+    """The near cache's settings, checked the same in every config that carries them."""
+    if rows < 0 or not ttl_s > 0:
+        raise ConfigError("near_cache_rows must be >= 0 and near_cache_ttl_s > 0")
 
 
 def resolve_version_dir(model: str | Path) -> Path:
@@ -307,13 +312,14 @@ class Ranker:
         inverse[order] = np.cumsum(first) - 1
         u_ids, u_tix = s_ids[first], s_tix[first]
         bounds = np.searchsorted(u_tix, np.arange(len(tables) + 1))
-        rows = self._fetch(u_ids, u_tix, bounds)
+        rows, stacked = self._fetch(u_ids, u_tix, bounds)
         starts = dict(zip(self._by_table_names, np.concatenate(([0], np.cumsum(lengths)[:-1]))))
         gathered = None
-        if len({self._dims[t] for t in tables}) == 1:
+        if stacked is None and len({self._dims[t] for t in tables}) == 1:
+            stacked = np.concatenate([np.asarray(rows[t], dtype=np.float32) for t in tables])
+        if stacked is not None:
             # One gather for every feature (rows of all tables stacked in table order, as
             # ``inverse`` numbers them), instead of one fancy index per feature.
-            stacked = np.concatenate([np.asarray(rows[t], dtype=np.float32) for t in tables])
             gathered = stacked.take(inverse, axis=0)
         out = []
         for f in m.features:
@@ -341,12 +347,14 @@ class Ranker:
 
     def _fetch(
         self, u_ids: np.ndarray, u_tix: np.ndarray, bounds: np.ndarray
-    ) -> Mapping[str, np.ndarray]:
+    ) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
         """Rows of the unique (table, id) pairs, table-major (``bounds`` cuts the tables):
-        from the near cache where it holds them fresh, the rest in one lookup call."""
+        from the near cache where it holds them fresh, the rest in one lookup call. Per
+        table, and as one array in ``u_ids``' order when one cache holds every table."""
         tables = self._tables
         if not self._near:
-            return self._lookup({t: u_ids[bounds[k] : bounds[k + 1]] for k, t in enumerate(tables)})
+            uniq = {t: u_ids[bounds[k] : bounds[k + 1]] for k, t in enumerate(tables)}
+            return self._lookup(uniq), None
         want: dict[str, np.ndarray] = {}  # every cache's misses: one lookup call for all
         groups = []
         for cache, ks in self._near:
@@ -364,8 +372,9 @@ class Ranker:
             miss = np.flatnonzero(~hit)
             m_ids, m_tix = ids[miss], tix[miss]
             mb = np.searchsorted(m_tix, np.arange(len(tables) + 1))
-            asked = [tables[k] for k in ks if mb[k + 1] > mb[k]]
-            want.update({tables[k]: m_ids[mb[k] : mb[k + 1]] for k in ks if mb[k + 1] > mb[k]})
+            present = [k for k in ks if mb[k + 1] > mb[k]]
+            asked = [tables[k] for k in present]
+            want.update((tables[k], m_ids[mb[k] : mb[k + 1]]) for k in present)
             groups.append((cache, ks, tix, rows, (miss, m_ids, m_tix, asked)))
         try:
             got = self._lookup(want) if want else {}
@@ -384,7 +393,8 @@ class Ranker:
             gb = np.searchsorted(tix, np.arange(len(tables) + 1))
             for k in ks:
                 out[tables[k]] = rows[gb[k] : gb[k + 1]]
-        return out
+        # One dim, one cache: its rows are already every table's, in u_ids' order.
+        return out, groups[0][3] if len(groups) == 1 else None
 
     def _fill_stale(self, groups: list[Any]) -> bool:
         """No replica answered: fill every miss from expired cache rows, if all are held."""

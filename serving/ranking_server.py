@@ -50,7 +50,7 @@ from recps.ps.errors import abort, code_of
 from recps.ps.server import AuthInterceptor, add_port
 from recps.serving.client import ServingClient, ServingClientConfig
 from recps.serving.model_format import latest_version, version_dir
-from recps.serving.ranking import Ranker, RankerConfig, resolve_version_dir
+from recps.serving.ranking import Ranker, RankerConfig, check_near_cache, resolve_version_dir
 
 log = logging.getLogger("recps.serving.ranking")
 
@@ -88,8 +88,7 @@ class RankingServerConfig:
             raise E.ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.watch_interval_s < 0 or self.max_workers < 1:
             raise E.ConfigError("watch_interval_s must be >= 0 and max_workers >= 1")
-        if self.near_cache_rows < 0 or not self.near_cache_ttl_s > 0:
-            raise E.ConfigError("near_cache_rows must be >= 0 and near_cache_ttl_s > 0")
+        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s)
 
 
 @dataclass(frozen=True)
