@@ -1255,11 +1255,12 @@ class GrpcServerProcess:
             raise E.ConfigError(f"cannot bind {bind}")
         self.address = f"{self.config.host}:{self.port}"
 
-    def _write_info(self, info: dict[str, Any]) -> None:
-        """``<data_dir>/server.json``, replaced atomically."""
+    def _write_info(self, **info: Any) -> None:
+        """``<data_dir>/server.json`` (where, which pid, ``info``), replaced atomically."""
+        common = {"address": self.address, "port": self.port, "pid": os.getpid()}
         path = Path(self.config.data_dir) / "server.json"
         tmp = path.with_name("server.json.tmp")
-        tmp.write_text(json.dumps({"address": self.address, "port": self.port, **info}))
+        tmp.write_text(json.dumps({**common, **info, "metrics_port": self.metrics.port}))
         tmp.replace(path)
 
     def _close(self) -> None:
@@ -1299,13 +1300,7 @@ class PSServer(GrpcServerProcess):
             self.metrics.serve(self.config.host, self.config.metrics_port)
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._write_info(
-            {
-                "pid": os.getpid(),
-                "shard_id": self.config.shard_id,
-                "metrics_port": self.metrics.port,
-            }
-        )
+        self._write_info(shard_id=self.config.shard_id)
         return self
 
     def _close(self) -> None:

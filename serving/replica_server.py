@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -358,12 +357,7 @@ class ReplicaServer(GrpcServerProcess):
             self.metrics.serve(self.config.host, self.config.metrics_port)
         self._update_health()
         self._write_info(
-            {
-                "pid": os.getpid(),
-                "shards": list(self.replica.held_shards()),
-                "version": self.replica.current_version,
-                "metrics_port": self.metrics.port,
-            }
+            shards=list(self.replica.held_shards()), version=self.replica.current_version
         )
         return self
 
