@@ -210,13 +210,19 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=None, help="rows per table")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seconds", type=float, default=None, help="per measurement")
+    p.add_argument(
+        "--coalesce",
+        type=int,
+        default=None,
+        help="ServingClientConfig.coalesce_inflight for the lookup phase (default: the client's)",
+    )
     a = p.parse_args()
     vocab = a.vocab or (5_000 if a.quick else 100_000)
     seconds = a.seconds or (2.0 if a.quick else 15.0)
     t_start = time.perf_counter()
 
     from recps.proto import ranking_pb2, ranking_pb2_grpc
-    from recps.serving.client import ServingClient
+    from recps.serving.client import ServingClient, ServingClientConfig
     from recps.serving.process import start_service, stop_service
     from recps.serving.replica import ReplicaConfig, ServingReplica
     from recps.serving.replica_server import ServingAdminClient
@@ -260,15 +266,25 @@ def main() -> None:
         ranking = None
         try:
             addr = ready["address"]
-            client = ServingClient([addr])
+            # Each call its own RPC first (the baseline), then the client's default:
+            # concurrent calls coalesced into shared RPCs.
+            single = ServingClient([addr], ServingClientConfig(coalesce_inflight=0))
             # One pass over the request set first: the figures are steady-state serving,
             # with the replica's row cache (and the ranking service's near cache) warm.
             for x in ids:
-                client.lookup(x)
+                single.lookup(x)
+            uncoalesced = run_threads(single.lookup, ids, a.concurrency, seconds)
+            single.close()
+            log(
+                f"lookup, one RPC per call: p50 {uncoalesced['p50_ms']:.2f} "
+                f"p99 {uncoalesced['p99_ms']:.2f} ms, {uncoalesced['qps']:.0f} qps"
+            )
+            client = ServingClient([addr], ServingClientConfig(coalesce_inflight=a.coalesce))
             lookup = run_threads(client.lookup, ids, a.concurrency, seconds)
+            co = client.coalesce_stats()
             log(
                 f"lookup p50 {lookup['p50_ms']:.2f} p99 {lookup['p99_ms']:.2f} ms, "
-                f"{lookup['qps']:.0f} qps"
+                f"{lookup['qps']:.0f} qps, {co['calls'] / max(1, co['batches']):.2f} calls an RPC"
             )
 
             ranking, rready = start_service(
@@ -325,6 +341,7 @@ def main() -> None:
             stop_service(ranking, timeout_s=5)
             stop_service(replica, timeout_s=5)
 
+    failed = during["errors"] + lookup["errors"] + uncoalesced["errors"] + pred["errors"]
     out = {
         "lookup_p50_ms": round(lookup["p50_ms"], 3),
         "lookup_p99_ms": round(lookup["p99_ms"], 3),
@@ -332,10 +349,15 @@ def main() -> None:
         "predict_p50_ms": round(pred["p50_ms"], 3),
         "predict_p99_ms": round(pred["p99_ms"], 3),
         "predict_qps": round(pred["qps"], 1),
+        "lookup_calls_per_rpc": round(co["calls"] / max(1, co["batches"]), 2),
+        "uncoalesced_lookup_p50_ms": round(uncoalesced["p50_ms"], 3),
+        "uncoalesced_lookup_p99_ms": round(uncoalesced["p99_ms"], 3),
+        "uncoalesced_lookup_qps": round(uncoalesced["qps"], 1),
         "inprocess_lookup_p99_ms": round(inproc["p99_ms"], 3),
         "inprocess_lookup_p50_ms": round(inproc["p50_ms"], 3),
         "lookup_p99_over_inprocess": round(lookup["p99_ms"] / inproc["p99_ms"], 2),
-        "swap_failed_requests": during["errors"] + lookup["errors"] + pred["errors"],
+        # Across the swap, and (stricter) every failure of the run counts.
+        "swap_failed_requests": failed,
         "swap_requests": during["requests"],
         "swap_versions_seen": sorted(versions),
         "concurrency": a.concurrency,
@@ -346,7 +368,7 @@ def main() -> None:
         "targets_met": {
             "lookup_p99_ms<=10": lookup["p99_ms"] <= 10,
             "predict_p99_ms<=25": pred["p99_ms"] <= 25,
-            "swap_failed_requests==0": during["errors"] + lookup["errors"] + pred["errors"] == 0,
+            "swap_failed_requests==0": failed == 0,
         },
         "wall_s": round(time.perf_counter() - t_start, 1),
     }

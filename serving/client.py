@@ -42,6 +42,7 @@ from recps.ps.client import open_channel
 from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
 from recps.ps.errors import from_rpc_error, register_error_classes
 from recps.ps.routing import ShardMap, slot_of
+from recps.serving.coalesce import Coalescer
 from recps.serving.errors import wire_error_classes
 
 register_error_classes(*wire_error_classes())  # a replica's errors come back typed
@@ -70,8 +71,19 @@ class ServingClientConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     tls: TlsConfig | None = None
     auth_token: str | None = None
+    # Concurrent lookup() calls ride one RPC (``recps.serving.coalesce``): at most this
+    # many merged lookups in flight at once (None: one per replica; 0: every call its
+    # own RPC), each carrying up to ``coalesce_max_ids`` ids. A lone call never waits.
+    # benchmarks/serving.py, 8 threads, one replica, 2 cores: one RPC per call p99 12.4
+    # ms at 1,120 qps; 1 in flight p99 6.8 ms at 1,560 qps; 2: 8.8 ms; 4: 11.4 ms.
+    coalesce_inflight: int | None = None
+    coalesce_max_ids: int = 16384
 
     def __post_init__(self) -> None:
+        if self.coalesce_inflight is not None and self.coalesce_inflight < 0:
+            raise E.ConfigError("coalesce_inflight must be >= 0 (0 turns coalescing off)")
+        if self.coalesce_max_ids < 1:
+            raise E.ConfigError("coalesce_max_ids must be >= 1")
         if self.timeout_s <= 0 or self.down_s <= 0 or self.max_down_s < self.down_s:
             raise E.ConfigError("timeout_s, down_s must be > 0 and max_down_s >= down_s")
         if self.max_attempts < 1:
@@ -109,6 +121,19 @@ class ServingClient:
         )
         self._map: ShardMap | None = None
         self._all_shards: frozenset[int] = frozenset()
+        inflight = self.config.coalesce_inflight
+        if inflight is None:
+            inflight = len(self._replicas)
+        self._coalescer: Coalescer[dict[str, np.ndarray], dict[str, np.ndarray]] | None = (
+            Coalescer(
+                self._lookup_many,
+                max_inflight=inflight,
+                max_size=self.config.coalesce_max_ids,
+                size=_id_count,
+            )
+            if inflight
+            else None
+        )
         self.refresh()
 
     # ---- discovery -----------------------------------------------------------------------
@@ -186,7 +211,49 @@ class ServingClient:
         """``{table: ids}`` -> ``{table: float32 [n, dim]}``; ids need not be unique.
 
         Missing ids come back as the table's default vector (the replica decides).
+        Calls made at the same time from several threads may share one RPC.
         """
+        ids = {t: _as_ids(v) for t, v in batch.items()}
+        if self._coalescer is None:
+            return self._lookup_one(ids)
+        return self._coalescer(ids)
+
+    def coalesce_stats(self) -> dict[str, int]:
+        """How many merged lookups ran, and how many lookup() calls they carried."""
+        c = self._coalescer
+        return {"batches": c.batches, "calls": c.calls} if c else {"batches": 0, "calls": 0}
+
+    def _lookup_many(self, batches: list[dict[str, np.ndarray]]) -> list[Any]:
+        """The lookups of several callers as one: ids concatenated per table, looked up
+        once, rows split back. A request-content error (unknown table, bad ids) from the
+        merged call is re-asked one caller at a time, so it reaches only its own caller."""
+        if len(batches) == 1:
+            return [self._lookup_one(batches[0])]
+        merged: dict[str, list[np.ndarray]] = {}
+        for b in batches:
+            for t, v in b.items():
+                merged.setdefault(t, []).append(v)
+        try:
+            rows = self._lookup_one({t: np.concatenate(vs) for t, vs in merged.items()})
+        except (E.InvalidArgumentError, E.UnknownTableError):
+            out: list[Any] = []
+            for b in batches:
+                try:
+                    out.append(self._lookup_one(b))
+                except E.RecpsError as e:
+                    out.append(e)
+            return out
+        at = dict.fromkeys(merged, 0)
+        out = []
+        for b in batches:
+            mine = {}
+            for t, v in b.items():
+                mine[t] = rows[t][at[t] : at[t] + len(v)]
+                at[t] += len(v)
+            out.append(mine)
+        return out
+
+    def _lookup_one(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self._map is not None
         uniq, expand = dedup_tables(batch)
         tried_full: set[str] = set()
@@ -412,6 +479,14 @@ def dedup_tables(
         return out
 
     return uniq, expand
+
+
+def _as_ids(v: Any) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(v), dtype=np.int64).reshape(-1)
+
+
+def _id_count(batch: Mapping[str, np.ndarray]) -> int:
+    return sum(len(v) for v in batch.values())
 
 
 def _copies(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

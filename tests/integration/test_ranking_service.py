@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps_harness import ShardGroup
 from serving_harness import ServiceProcess
 
+from recps.embedding import errors as E
 from recps.proto import ranking_pb2, ranking_pb2_grpc
 from recps.ps.client import PSClient
-from recps.serving.client import ServingClient
+from recps.serving.client import ServingClient, ServingClientConfig
 from recps.serving.export import ExportConfig, export_checkpoint
 from recps.serving.ranking_server import RankingServer, RankingServerConfig, RankingService
 from recps.worker.checkpoint import DENSE_FILE, latest_checkpoint, load_dense
@@ -240,6 +242,35 @@ def test_partial_replicas_answer_like_a_full_one_and_like_training(served: Serve
     finally:
         full.close()
         partial.close()
+
+
+def test_concurrent_lookups_share_rpcs_and_answer_like_single_calls(served: Served) -> None:
+    rng = np.random.default_rng(1)
+    pool_ids = rng.integers(-(2**62), 2**62, 200)  # a small pool: merged calls share ids
+    batches = [{t: rng.choice(pool_ids, 40) for t in SPARSE[: 2 + k % 4]} for k in range(48)]
+    for addrs in ([served.replicas[0].address], [r.address for r in served.replicas[2:]]):
+        single = ServingClient(addrs, ServingClientConfig(coalesce_inflight=0))
+        merged = ServingClient(addrs)
+        try:
+            want = [single.lookup(b) for b in batches]
+            assert single.coalesce_stats() == {"batches": 0, "calls": 0}
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(merged.lookup, batches))
+            stats = merged.coalesce_stats()
+            assert stats["calls"] == len(batches) and stats["batches"] < len(batches)
+            for g, w, b in zip(got, want, batches):
+                assert sorted(g) == sorted(b)
+                for t in b:
+                    np.testing.assert_array_equal(g[t], w[t])
+            # A caller's unknown table fails that caller alone, not its batch-mates.
+            out = merged._lookup_many([batches[0], {"nope": pool_ids[:3]}, batches[1]])
+            assert isinstance(out[1], E.UnknownTableError) and "nope" in str(out[1])
+            for g, w in ((out[0], want[0]), (out[2], want[1])):
+                for t in w:
+                    np.testing.assert_array_equal(g[t], w[t])
+        finally:
+            single.close()
+            merged.close()
 
 
 def test_grpc_scores_equal_the_training_model_on_raw_rows(served: Served) -> None:
