@@ -18,7 +18,11 @@ Zipf(1.1) over 1.2 x vocab values (the context carries the 13 dense values): 2,6
 ~2,000 unique after dedup.
 
 * lookup_*: ``ServingClient.lookup`` of one request's ids against one replica process
-  (``python -m recps.serving.main``), ``--concurrency`` threads back to back
+  (``python -m recps.serving.main``), ``--concurrency`` threads back to back, with the
+  client's defaults: concurrent calls coalesced into shared RPCs
+  (``lookup_calls_per_rpc`` says how many a merged RPC carried on average)
+* uncoalesced_lookup_*: the same, each call its own RPC (``coalesce_inflight=0``),
+  measured first
 * inprocess_lookup_p99_ms: the same lookups against the same version opened in this
   process (``ServingReplica``, no gRPC), one thread
 * predict_*: ``Ranking/Predict`` (column-form requests) over gRPC against a ranking-service process
