@@ -220,6 +220,12 @@ def main() -> None:
         default=None,
         help="ServingClientConfig.coalesce_inflight for the lookup phase (default: the client's)",
     )
+    p.add_argument(
+        "--ranking-coalesce",
+        type=int,
+        default=None,
+        help="the ranking service's --lookup-coalesce-inflight (default: its own)",
+    )
     a = p.parse_args()
     vocab = a.vocab or (5_000 if a.quick else 100_000)
     seconds = a.seconds or (2.0 if a.quick else 15.0)
@@ -304,6 +310,11 @@ def main() -> None:
                     "-1",
                     "--watch-interval-s",
                     "0.5",
+                    *(
+                        []
+                        if a.ranking_coalesce is None
+                        else ["--lookup-coalesce-inflight", str(a.ranking_coalesce)]
+                    ),
                 ],
                 tmp / "ranking.log",
             )

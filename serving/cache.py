@@ -18,6 +18,10 @@ is a miss, never a wrong row. Capacity is shared: hot tables take the room they 
 entry is a miss (and is refreshed by the caller's next ``admit``). The ranking service's
 near cache uses it, since the replica it caches may apply deltas underneath; the
 replica's own cache needs none (it drops rows a delta changes, see ``invalidate``).
+With ``refresh_s`` (< ``ttl_s``) as well, :meth:`lookup_due` still answers a row older
+than ``refresh_s`` but names it *due*, once, so that the caller can fetch it again in
+the background before it expires (refresh-ahead: rows in steady use never expire on a
+request's path, and none is ever served older than ``ttl_s``).
 
 Example:
     >>> import numpy as np
@@ -76,6 +80,7 @@ class RowCache:
         tables: int = 1,
         ttl_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        refresh_s: float | None = None,
     ) -> None:
         if dim < 1 or capacity_rows < 0 or tables < 1:
             raise ConfigError(
@@ -84,8 +89,11 @@ class RowCache:
             )
         if ttl_s is not None and not ttl_s > 0:
             raise ConfigError(f"cache ttl_s must be > 0 (or None: no expiry), got {ttl_s}")
+        if refresh_s is not None and not (ttl_s is not None and 0 < refresh_s < ttl_s):
+            raise ConfigError(f"cache refresh_s must be in (0, ttl_s), got {refresh_s}")
         self.dim, self.tables = dim, tables
         self.ttl_s, self._clock = ttl_s, clock
+        self.refresh_s = refresh_s
         self._tier: HotTier | None = None
         if capacity_rows:
             # HotTier sizes itself from a byte budget (rows + a power-of-two index at load
@@ -102,6 +110,8 @@ class RowCache:
         cap = self.capacity if self._shared else 0
         self._ids = np.zeros(cap, dtype=np.int64)  # per slot: the real (table, id)
         self._tbl = np.zeros(cap, dtype=np.int32)
+        # Per slot: already named due by lookup_due (cleared when the row is admitted again).
+        self._queued = np.zeros(self.capacity if refresh_s is not None else 0, dtype=bool)
         # One lock: HotTier is not thread-safe, and a lookup's gather must not see a slot
         # that another thread's admit is evicting and refilling.
         self._lock = threading.Lock()
@@ -147,29 +157,56 @@ class RowCache:
         ``stale_ok`` also answers rows older than ``ttl_s`` (a fallback while the source is
         down); such a call counts neither hits nor misses and marks nothing as used.
         """
+        hit, rows, _ = self._lookup(ids, table, keys, stale_ok, False)
+        return hit, rows
+
+    def lookup_due(
+        self, ids: np.ndarray, table: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`lookup`, plus a mask [n] of the hits older than ``refresh_s`` that no
+        earlier call named: the caller should fetch and :meth:`admit` them again soon. A row
+        is named once per admission; one whose refresh fails simply expires."""
+        return self._lookup(ids, table, None, False, self.refresh_s is not None)
+
+    def _lookup(
+        self,
+        ids: np.ndarray,
+        table: np.ndarray | None,
+        keys: np.ndarray | None,
+        stale_ok: bool,
+        want_due: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         tier = self._tier
         if tier is None or not len(ids):
             if not stale_ok:
                 with self._lock:
                     self._count(self._misses, table, np.ones(len(ids), dtype=bool))
-            return np.zeros(len(ids), dtype=bool), np.empty((0, self.dim), np.float32)
+            none = np.zeros(len(ids), dtype=bool)
+            return none, np.empty((0, self.dim), np.float32), none
         if keys is None:
             keys = self._keys(ids, table)
         with self._lock:
             slots = tier.find(keys)
             hit = slots >= 0
+            due = None
             if self._shared or self.ttl_s is not None:
                 s = np.where(hit, slots, 0)
                 hit &= self._holds(s, ids, table)
                 if self.ttl_s is not None and not stale_ok:  # admitted too long ago: a miss
-                    hit &= tier.updated_at[s] >= self._clock() - self.ttl_s
+                    age = self._clock() - tier.updated_at[s]
+                    hit &= age <= self.ttl_s
+                    if want_due:
+                        assert self.refresh_s is not None
+                        due = hit & (age >= self.refresh_s)
+                        due &= ~self._queued[s]
+                        self._queued[s[due]] = True
             found = slots[hit]
             rows = take_rows(tier.emb, found)
             if not stale_ok:
                 tier.touch(found)
                 self._count(self._hits, table, hit)
                 self._count(self._misses, table, ~hit)
-        return hit, rows
+        return hit, rows, np.zeros(len(ids), dtype=bool) if due is None else due
 
     def admit(
         self,
@@ -211,6 +248,8 @@ class RowCache:
                     old, s = old[same], s[same]
                     put_rows(tier.emb, s, rows[old])
                     tier.updated_at[s] = self._clock()
+                    if len(self._queued):
+                        self._queued[s] = False
                 ids, rows, keys = ids[new], rows[new], keys[new]
                 table = None if table is None else table[new]
             k = len(keys)
@@ -229,6 +268,8 @@ class RowCache:
             put_rows(tier.emb, slots, rows)
             if self.ttl_s is not None:
                 tier.updated_at[slots] = self._clock()
+            if len(self._queued):
+                self._queued[slots] = False
             if self._shared:
                 self._ids[slots] = ids
                 self._tbl[slots] = 0 if table is None else table

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ class RankerConfig:
     bound; a new model version gets a new, empty cache. With ``serve_stale``, a request
     whose refetch finds no replica answering is scored with the expired rows if the cache
     still holds every one of them (``stale_rows_served`` counts them), instead of failing.
+    A row used after ``near_cache_refresh_ahead`` of its TTL (0.8: after 4 of 5 s) is
+    served and fetched again in the background (one refresh in flight, rows that come
+    due meanwhile ride the next), so rows in steady use never expire on a request's path;
+    0 turns that off. No row is ever served older than the TTL.
     """
 
     model: str
@@ -78,19 +83,22 @@ class RankerConfig:
     near_cache_rows: int = 0
     near_cache_ttl_s: float = 5.0
     serve_stale: bool = True
+    near_cache_refresh_ahead: float = 0.8
 
     def __post_init__(self) -> None:
         if self.max_candidates < 1:
             raise ConfigError("max_candidates must be >= 1")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
-        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s)
+        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s, self.near_cache_refresh_ahead)
 
 
-def check_near_cache(rows: int, ttl_s: float) -> None:
+def check_near_cache(rows: int, ttl_s: float, refresh_ahead: float = 0.0) -> None:
     """The near cache's settings, checked the same in every config that carries them."""
     if rows < 0 or not ttl_s > 0:
         raise ConfigError("near_cache_rows must be >= 0 and near_cache_ttl_s > 0")
+    if not 0 <= refresh_ahead < 1:
+        raise ConfigError("near_cache_refresh_ahead must be in [0, 1) (0: off)")
 
 
 def resolve_version_dir(model: str | Path) -> Path:
@@ -159,13 +167,31 @@ class Ranker:
             by_dim: dict[int, list[int]] = {}
             for k, t in enumerate(self._tables):
                 by_dim.setdefault(self._dims[t], []).append(k)
+            ahead = config.near_cache_refresh_ahead
+            refresh_s = ahead * config.near_cache_ttl_s if ahead else None
             for dim, ks in by_dim.items():
                 cache = RowCache(
-                    dim, config.near_cache_rows, len(self._tables), config.near_cache_ttl_s
+                    dim,
+                    config.near_cache_rows,
+                    len(self._tables),
+                    config.near_cache_ttl_s,
+                    refresh_s=refresh_s,
                 )
                 self._near.append((cache, ks))
         self.stale_rows_served = 0  # rows answered past their TTL while no replica answered
         self._stale_lock = threading.Lock()
+        # Refresh-ahead: rows come due in requests, one background thread fetches them.
+        # The executor's thread exits once this Ranker (a swapped-out version) is dropped.
+        self._due: list[tuple[RowCache, np.ndarray, np.ndarray]] = []
+        self._due_lock = threading.Lock()
+        self._refreshing = False
+        self.rows_refreshed = 0  # rows fetched again ahead of their expiry
+        self.refresh_failures = 0
+        self._refresher = (
+            ThreadPoolExecutor(1, thread_name_prefix="recps-near-refresh")
+            if self._near and config.near_cache_refresh_ahead
+            else None
+        )
 
     # ---- features ------------------------------------------------------------------------
 
@@ -357,13 +383,16 @@ class Ranker:
             return self._lookup(uniq), None
         want: dict[str, np.ndarray] = {}  # every cache's misses: one lookup call for all
         groups = []
+        dues: list[tuple[RowCache, np.ndarray, np.ndarray]] = []
         for cache, ks in self._near:
             if len(ks) == len(tables):
                 ids, tix = u_ids, u_tix
             else:
                 pick = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in ks])
                 ids, tix = u_ids[pick], u_tix[pick]
-            hit, hit_rows = cache.lookup(ids, tix)
+            hit, hit_rows, due = cache.lookup_due(ids, tix)
+            if due.any():
+                dues.append((cache, ids[due], tix[due]))
             if hit.all():
                 groups.append((cache, ks, tix, hit_rows, None))
                 continue
@@ -376,6 +405,8 @@ class Ranker:
             asked = [tables[k] for k in present]
             want.update((tables[k], m_ids[mb[k] : mb[k + 1]]) for k in present)
             groups.append((cache, ks, tix, rows, (miss, m_ids, m_tix, asked)))
+        if dues:
+            self._refresh_later(dues)
         try:
             got = self._lookup(want) if want else {}
         except ShardUnavailableError:
@@ -395,6 +426,58 @@ class Ranker:
                 out[tables[k]] = rows[gb[k] : gb[k + 1]]
         # One dim, one cache: its rows are already every table's, in u_ids' order.
         return out, groups[0][3] if len(groups) == 1 else None
+
+    def _refresh_later(self, dues: list[tuple[RowCache, np.ndarray, np.ndarray]]) -> None:
+        assert self._refresher is not None
+        with self._due_lock:
+            self._due.extend(dues)
+            if self._refreshing:
+                return  # the running refresh takes these too
+            self._refreshing = True
+        self._refresher.submit(self._refresh)
+
+    def _refresh(self) -> None:
+        """Fetch every due row in one lookup call and admit it again, until none is due."""
+        tables = self._tables
+        while True:
+            with self._due_lock:
+                jobs, self._due = self._due, []
+                if not jobs:
+                    self._refreshing = False
+                    return
+            per_cache: dict[int, tuple[RowCache, np.ndarray, np.ndarray]] = {}
+            for cache, ids, tix in jobs:
+                c, i, t = per_cache.get(id(cache), (cache, ids[:0], tix[:0]))
+                per_cache[id(cache)] = (c, np.concatenate([i, ids]), np.concatenate([t, tix]))
+            want: dict[str, np.ndarray] = {}
+            plan = []
+            for cache, ids, tix in per_cache.values():
+                order = np.lexsort((ids, tix))  # table-major, like every lookup here
+                ids, tix = ids[order], tix[order]
+                keep = np.ones(len(ids), dtype=bool)
+                keep[1:] = (ids[1:] != ids[:-1]) | (tix[1:] != tix[:-1])
+                ids, tix = ids[keep], tix[keep]
+                bounds = np.searchsorted(tix, np.arange(len(tables) + 1))
+                asked = [tables[k] for k in range(len(tables)) if bounds[k + 1] > bounds[k]]
+                want.update(
+                    (tables[k], ids[bounds[k] : bounds[k + 1]])
+                    for k in range(len(tables))
+                    if bounds[k + 1] > bounds[k]
+                )
+                plan.append((cache, ids, tix, asked))
+            try:
+                got = self._lookup(want)
+            except Exception:
+                # Left marked due: they expire at their TTL and are fetched on a request's
+                # path (or served stale), so a down replica costs no retry storm here.
+                with self._due_lock:
+                    self.refresh_failures += 1
+                continue
+            for cache, ids, tix, asked in plan:
+                fetched = np.concatenate([np.asarray(got[t], dtype=np.float32) for t in asked])
+                cache.admit(ids, fetched, tix)
+            with self._due_lock:
+                self.rows_refreshed += sum(len(p[1]) for p in plan)
 
     def _fill_stale(self, groups: list[Any]) -> bool:
         """No replica answered: fill every miss from expired cache rows, if all are held."""

@@ -74,9 +74,14 @@ class RankingServerConfig:
     # 0: off), each served for at most near_cache_ttl_s after it was fetched.
     near_cache_rows: int = 262_144
     near_cache_ttl_s: float = 5.0
+    # A row used after this fraction of its TTL is fetched again in the background.
+    near_cache_refresh_ahead: float = 0.8
     # No replica answering: score with expired near-cache rows when it holds them all.
     serve_stale: bool = True
     lookup_timeout_s: float = 1.0
+    # ServingClientConfig.coalesce_inflight: None, one merged lookup in flight per
+    # replica; 0, every near-cache miss its own RPC.
+    lookup_coalesce_inflight: int | None = None
     auth_token: str | None = None
     tls: TlsConfig | None = None  # server side (cert_file + key_file)
     client_tls: TlsConfig | None = None  # towards the replicas
@@ -88,7 +93,7 @@ class RankingServerConfig:
             raise E.ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.watch_interval_s < 0 or self.max_workers < 1:
             raise E.ConfigError("watch_interval_s must be >= 0 and max_workers >= 1")
-        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s)
+        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s, self.near_cache_refresh_ahead)
 
 
 @dataclass(frozen=True)
@@ -127,16 +132,18 @@ class RankingService:
         near = Gauge(
             "recps_ranking_near_cache",
             "Near cache of the current model version: hits and misses (ids), rows held, "
-            "expired rows served while no replica answered (stale)",
+            "expired rows served while no replica answered (stale), rows fetched again "
+            "ahead of expiry (refreshed) and failed background refreshes (refresh_failures)",
             ["stat"],
             registry=self.registry,
         )
-        for stat in ("hits", "misses", "rows", "stale"):
+        for stat in ("hits", "misses", "rows", "stale", "refreshed", "refresh_failures"):
             near.labels(stat).set_function(lambda stat=stat: self._near_stat(stat))
         self.client = ServingClient(
             config.replicas,
             ServingClientConfig(
                 timeout_s=config.lookup_timeout_s,
+                coalesce_inflight=config.lookup_coalesce_inflight,
                 auth_token=config.auth_token,
                 tls=config.client_tls,
             ),
@@ -159,6 +166,7 @@ class RankingService:
                 near_cache_rows=c.near_cache_rows,
                 near_cache_ttl_s=c.near_cache_ttl_s,
                 serve_stale=c.serve_stale,
+                near_cache_refresh_ahead=c.near_cache_refresh_ahead,
             ),
             self.client.lookup,
         )
@@ -176,6 +184,10 @@ class RankingService:
             return 0.0
         if stat == "stale":
             return float(ranker.stale_rows_served)
+        if stat == "refreshed":
+            return float(ranker.rows_refreshed)
+        if stat == "refresh_failures":
+            return float(ranker.refresh_failures)
         st = ranker.near_cache_stats()
         return float(getattr(st, stat)) if st is not None else 0.0
 
@@ -505,6 +517,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve a cached row at most this long after it was fetched",
     )
     p.add_argument(
+        "--near-cache-refresh-ahead",
+        type=float,
+        default=RankingServerConfig.near_cache_refresh_ahead,
+        help="fetch a row again in the background once this fraction of its TTL has passed "
+        "and a request uses it (0: off)",
+    )
+    p.add_argument(
         "--no-serve-stale",
         dest="serve_stale",
         action="store_false",
@@ -517,6 +536,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="gRPC handler threads (default: one per core, 2..8)",
     )
     p.add_argument("--lookup-timeout-s", type=float, default=1.0)
+    p.add_argument(
+        "--lookup-coalesce-inflight",
+        type=int,
+        default=None,
+        help="merged replica lookups in flight at once (default: one per replica; 0: "
+        "every lookup its own RPC)",
+    )
     p.add_argument("--auth-token-file", help="file holding the bearer token (clients and replicas)")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key serves TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
@@ -536,8 +562,10 @@ def config_from_args(a: argparse.Namespace) -> RankingServerConfig:
         near_cache_rows=a.near_cache_rows,
         near_cache_ttl_s=a.near_cache_ttl_s,
         serve_stale=a.serve_stale,
+        near_cache_refresh_ahead=a.near_cache_refresh_ahead,
         max_workers=a.max_workers,
         lookup_timeout_s=a.lookup_timeout_s,
+        lookup_coalesce_inflight=a.lookup_coalesce_inflight,
         auth_token=token,
         tls=TlsConfig(cert_file=a.tls_cert, key_file=a.tls_key) if a.tls_cert else None,
         client_tls=TlsConfig(ca_file=a.replica_ca) if a.replica_ca else None,

@@ -329,6 +329,7 @@ def test_http_predict_health_metrics_and_bad_input(served: Served) -> None:
         if line.startswith("recps_ranking_near_cache{")
     }
     assert near['stat="misses"'] > 0 and near['stat="rows"'] > 0, near
+    assert {'stat="refreshed"', 'stat="refresh_failures"'} <= set(near), near
     code, body = _http(served, "/predict", raw=b"{not json")
     assert code == 400 and body["status"] == "INVALID_ARGUMENT"
     code, body = _http(served, "/predict", {"context": {}, "candidates": []})

@@ -271,3 +271,40 @@ def test_expired_near_cache_rows_score_a_request_while_no_replica_answers(
     before = ranker.stale_rows_served
     np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-5, atol=1e-6)
     assert ranker.stale_rows_served == before
+
+
+@pytest.mark.parametrize("ahead", [0.5, 0.0])
+def test_rows_in_use_are_refreshed_in_the_background_before_they_expire(
+    tmp_path: Path, ahead: float
+) -> None:
+    make_version(tmp_path, 1)
+    rows = Rows()
+    ttl = 1.0
+    cfg = RankerConfig(
+        str(tmp_path), near_cache_rows=64, near_cache_ttl_s=ttl, near_cache_refresh_ahead=ahead
+    )
+    ranker = Ranker(cfg, rows)
+    ctx = {"user": 3, "I1": 1, "tags": ["q"]}
+    cands = [{"item": 8}, {"item": 9}]
+    old = by_hand(rows, ctx, cands)
+    t0 = time.monotonic()
+    np.testing.assert_allclose(ranker.score(ctx, cands), old, rtol=1e-5, atol=1e-6)
+    rows.shift = 0.5  # the replicas' rows change
+    fresh = by_hand(rows, ctx, cands)
+    time.sleep(0.6)  # past refresh_ahead * ttl, within the ttl
+    np.testing.assert_allclose(ranker.score(ctx, cands), old, rtol=1e-5, atol=1e-6)
+    assert time.monotonic() - t0 < ttl, "too slow a machine for this test's timing"
+    if ahead:
+        deadline = time.monotonic() + 5
+        while ranker.rows_refreshed < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # One background call refetched every row (user, 2 items, tag); the next request
+        # scores the fresh rows with no call of its own.
+        assert ranker.rows_refreshed == 4 and len(rows.calls) == 2
+        np.testing.assert_allclose(ranker.score(ctx, cands), fresh, rtol=1e-5, atol=1e-6)
+        assert len(rows.calls) == 2 and ranker.refresh_failures == 0
+    else:
+        time.sleep(0.2)
+        assert ranker.rows_refreshed == 0 and len(rows.calls) == 1
+    with pytest.raises(E.ConfigError, match="refresh_ahead"):
+        RankerConfig(str(tmp_path), near_cache_rows=8, near_cache_refresh_ahead=1.0)

@@ -222,3 +222,36 @@ def test_without_a_ttl_admitting_a_held_row_keeps_the_first() -> None:
 def test_a_ttl_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="ttl_s"):
         RowCache(2, 16, ttl_s=0)
+
+
+@pytest.mark.parametrize("tables", [1, 3])
+def test_rows_past_refresh_s_are_named_due_once_until_admitted_again(tables: int) -> None:
+    now = [0.0]
+    cache = RowCache(4, 64, tables=tables, ttl_s=10.0, clock=lambda: now[0], refresh_s=8.0)
+    ids = np.array([1, 2, 3])
+    tix = None if tables == 1 else np.array([0, 1, 2])
+    cache.admit(ids, np.ones((3, 4), np.float32), tix)
+    now[0] = 5.0
+    hit, _, due = cache.lookup_due(ids, tix)
+    assert hit.all() and not due.any()
+    now[0] = 9.0
+    hit, rows, due = cache.lookup_due(ids[:2], None if tix is None else tix[:2])
+    assert hit.all() and due.all() and len(rows) == 2  # served, and due
+    hit, _, due = cache.lookup_due(ids, tix)
+    assert hit.all() and due.tolist() == [False, False, True]  # named once each
+    cache.admit(ids[:1], np.full((1, 4), 2.0, np.float32), None if tix is None else tix[:1])
+    now[0] = 16.0  # row 1 was admitted again at 9: fresh; rows 2 and 3 (from 0) expired
+    hit, rows, due = cache.lookup_due(ids, tix)
+    assert hit.tolist() == [True, False, False] and not due.any()
+    assert rows.tolist() == [[2.0] * 4]
+    now[0] = 17.5  # 8.5 s after its refresh: due again
+    assert cache.lookup_due(ids[:1], None if tix is None else tix[:1])[2].tolist() == [True]
+    # Plain lookups never name rows due.
+    assert cache.lookup(ids[:1], None if tix is None else tix[:1])[0].tolist() == [True]
+
+
+def test_refresh_s_must_lie_below_the_ttl() -> None:
+    with pytest.raises(ConfigError, match="refresh_s"):
+        RowCache(2, 16, ttl_s=1.0, refresh_s=1.0)
+    with pytest.raises(ConfigError, match="refresh_s"):
+        RowCache(2, 16, refresh_s=0.5)  # no TTL: nothing to refresh ahead of
