@@ -213,6 +213,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small vocab, short rounds")
     p.add_argument("--vocab", type=int, default=None, help="rows per table")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=64, help="distinct requests, cycled")
     p.add_argument("--seconds", type=float, default=None, help="per measurement")
     p.add_argument(
         "--coalesce",
@@ -244,7 +245,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_version(root, 1, vocab, seed=1)
         log(f"version 1: 26 tables x {vocab} rows written in {time.perf_counter() - t0:.1f} s")
-        reqs = requests(64, vocab, seed=3)
+        reqs = requests(a.requests, vocab, seed=3)
         ids = [request_ids(r) for r in reqs]
         uniq = int(np.mean([sum(len(np.unique(v)) for v in x.values()) for x in ids]))
         log(f"requests: {sum(len(v) for v in ids[0].values())} ids, ~{uniq} unique")

@@ -69,7 +69,7 @@ class RankerConfig:
     bound; a new model version gets a new, empty cache. With ``serve_stale``, a request
     whose refetch finds no replica answering is scored with the expired rows if the cache
     still holds every one of them (``stale_rows_served`` counts them), instead of failing.
-    A row used after ``near_cache_refresh_ahead`` of its TTL (0.8: after 4 of 5 s) is
+    A row used after ``near_cache_refresh_ahead`` of its TTL (0.5: after 2.5 of 5 s) is
     served and fetched again in the background (one refresh in flight, rows that come
     due meanwhile ride the next), so rows in steady use never expire on a request's path;
     0 turns that off. No row is ever served older than the TTL.
@@ -83,7 +83,7 @@ class RankerConfig:
     near_cache_rows: int = 0
     near_cache_ttl_s: float = 5.0
     serve_stale: bool = True
-    near_cache_refresh_ahead: float = 0.8
+    near_cache_refresh_ahead: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_candidates < 1:

@@ -75,7 +75,7 @@ class RankingServerConfig:
     near_cache_rows: int = 262_144
     near_cache_ttl_s: float = 5.0
     # A row used after this fraction of its TTL is fetched again in the background.
-    near_cache_refresh_ahead: float = 0.8
+    near_cache_refresh_ahead: float = 0.5
     # No replica answering: score with expired near-cache rows when it holds them all.
     serve_stale: bool = True
     lookup_timeout_s: float = 1.0
