@@ -93,6 +93,10 @@ class RankerConfig:
         check_near_cache(self.near_cache_rows, self.near_cache_ttl_s, self.near_cache_refresh_ahead)
 
 
+# Rows per background refresh call (see Ranker._refresh).
+_REFRESH_ROWS = 4096
+
+
 def check_near_cache(rows: int, ttl_s: float, refresh_ahead: float = 0.0) -> None:
     """The near cache's settings, checked the same in every config that carries them."""
     if rows < 0 or not ttl_s > 0:
@@ -437,47 +441,49 @@ class Ranker:
         self._refresher.submit(self._refresh)
 
     def _refresh(self) -> None:
-        """Fetch every due row in one lookup call and admit it again, until none is due."""
-        tables = self._tables
+        """Fetch the due rows again and admit them, ``_REFRESH_ROWS`` a lookup call, until
+        none is due. Bounded calls: rows fetched together come due together (a cold start
+        fetches them all at once), and one huge call would hold the replica, and then the
+        cache's lock for its admit, long enough to show in request latency."""
         while True:
             with self._due_lock:
                 jobs, self._due = self._due, []
                 if not jobs:
                     self._refreshing = False
                     return
-            per_cache: dict[int, tuple[RowCache, np.ndarray, np.ndarray]] = {}
+            per_cache: dict[int, tuple[RowCache, list[np.ndarray], list[np.ndarray]]] = {}
             for cache, ids, tix in jobs:
-                c, i, t = per_cache.get(id(cache), (cache, ids[:0], tix[:0]))
-                per_cache[id(cache)] = (c, np.concatenate([i, ids]), np.concatenate([t, tix]))
-            want: dict[str, np.ndarray] = {}
-            plan = []
-            for cache, ids, tix in per_cache.values():
+                per_cache.setdefault(id(cache), (cache, [], []))
+                per_cache[id(cache)][1].append(ids)
+                per_cache[id(cache)][2].append(tix)
+            for cache, id_parts, tix_parts in per_cache.values():
+                ids, tix = np.concatenate(id_parts), np.concatenate(tix_parts)
                 order = np.lexsort((ids, tix))  # table-major, like every lookup here
                 ids, tix = ids[order], tix[order]
                 keep = np.ones(len(ids), dtype=bool)
                 keep[1:] = (ids[1:] != ids[:-1]) | (tix[1:] != tix[:-1])
                 ids, tix = ids[keep], tix[keep]
-                bounds = np.searchsorted(tix, np.arange(len(tables) + 1))
-                asked = [tables[k] for k in range(len(tables)) if bounds[k + 1] > bounds[k]]
-                want.update(
-                    (tables[k], ids[bounds[k] : bounds[k + 1]])
-                    for k in range(len(tables))
-                    if bounds[k + 1] > bounds[k]
-                )
-                plan.append((cache, ids, tix, asked))
-            try:
-                got = self._lookup(want)
-            except Exception:
-                # Left marked due: they expire at their TTL and are fetched on a request's
-                # path (or served stale), so a down replica costs no retry storm here.
-                with self._due_lock:
-                    self.refresh_failures += 1
-                continue
-            for cache, ids, tix, asked in plan:
-                fetched = np.concatenate([np.asarray(got[t], dtype=np.float32) for t in asked])
-                cache.admit(ids, fetched, tix)
+                for lo in range(0, len(ids), _REFRESH_ROWS):
+                    self._refresh_rows(
+                        cache, ids[lo : lo + _REFRESH_ROWS], tix[lo : lo + _REFRESH_ROWS]
+                    )
+
+    def _refresh_rows(self, cache: RowCache, ids: np.ndarray, tix: np.ndarray) -> None:
+        tables = self._tables
+        bounds = np.searchsorted(tix, np.arange(len(tables) + 1))
+        asked = [k for k in range(len(tables)) if bounds[k + 1] > bounds[k]]
+        try:
+            got = self._lookup({tables[k]: ids[bounds[k] : bounds[k + 1]] for k in asked})
+        except Exception:
+            # Left marked due: they expire at their TTL and are fetched on a request's path
+            # (or served stale), so a down replica costs no retry storm here.
             with self._due_lock:
-                self.rows_refreshed += sum(len(p[1]) for p in plan)
+                self.refresh_failures += 1
+            return
+        fetched = np.concatenate([np.asarray(got[tables[k]], dtype=np.float32) for k in asked])
+        cache.admit(ids, fetched, tix)
+        with self._due_lock:
+            self.rows_refreshed += len(ids)
 
     def _fill_stale(self, groups: list[Any]) -> bool:
         """No replica answered: fill every miss from expired cache rows, if all are held."""

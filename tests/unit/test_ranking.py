@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+import recps.serving.ranking as ranking_module
 from recps.embedding import errors as E
 from recps.embedding.feature_ids import HASH_SCHEME, dense_transform, hash_column
 from recps.ps.routing import ShardMap
@@ -273,10 +274,11 @@ def test_expired_near_cache_rows_score_a_request_while_no_replica_answers(
     assert ranker.stale_rows_served == before
 
 
-@pytest.mark.parametrize("ahead", [0.5, 0.0])
+@pytest.mark.parametrize(("ahead", "chunk"), [(0.5, 4096), (0.5, 2), (0.0, 4096)])
 def test_rows_in_use_are_refreshed_in_the_background_before_they_expire(
-    tmp_path: Path, ahead: float
+    tmp_path: Path, ahead: float, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(ranking_module, "_REFRESH_ROWS", chunk)
     make_version(tmp_path, 1)
     rows = Rows()
     ttl = 1.0
@@ -298,11 +300,15 @@ def test_rows_in_use_are_refreshed_in_the_background_before_they_expire(
         deadline = time.monotonic() + 5
         while ranker.rows_refreshed < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
-        # One background call refetched every row (user, 2 items, tag); the next request
-        # scores the fresh rows with no call of its own.
-        assert ranker.rows_refreshed == 4 and len(rows.calls) == 2
+        # Background calls refetched every row (user and 2 items of the dim-3 cache, the
+        # tag of the dim-2 one): one call per cache, in calls of at most ``chunk`` rows.
+        # The next request scores the fresh rows with no call of its own.
+        refresh_calls = rows.calls[1:]
+        assert ranker.rows_refreshed == 4
+        assert len(refresh_calls) == (2 if chunk >= 3 else 3)
+        assert all(sum(len(v) for v in c.values()) <= chunk for c in refresh_calls)
         np.testing.assert_allclose(ranker.score(ctx, cands), fresh, rtol=1e-5, atol=1e-6)
-        assert len(rows.calls) == 2 and ranker.refresh_failures == 0
+        assert len(rows.calls) == 1 + len(refresh_calls) and ranker.refresh_failures == 0
     else:
         time.sleep(0.2)
         assert ranker.rows_refreshed == 0 and len(rows.calls) == 1
