@@ -207,14 +207,17 @@ class ServingClient:
             up, key=lambda r: (r.inflight, (up.index(r) - k) % len(up))
         )  # least in flight, ties rotate
 
-    def lookup(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def lookup(
+        self, batch: Mapping[str, np.ndarray], coalesce: bool = True
+    ) -> dict[str, np.ndarray]:
         """``{table: ids}`` -> ``{table: float32 [n, dim]}``; ids need not be unique.
 
         Missing ids come back as the table's default vector (the replica decides).
-        Calls made at the same time from several threads may share one RPC.
+        Calls made at the same time from several threads may share one RPC, unless
+        ``coalesce`` is False (background work that requests should not queue behind).
         """
         ids = {t: _as_ids(v) for t, v in batch.items()}
-        if self._coalescer is None:
+        if self._coalescer is None or not coalesce:
             return self._lookup_one(ids)
         return self._coalescer(ids)
 

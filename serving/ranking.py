@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,8 +94,10 @@ class RankerConfig:
         check_near_cache(self.near_cache_rows, self.near_cache_ttl_s, self.near_cache_refresh_ahead)
 
 
-# Rows per background refresh call (see Ranker._refresh).
+# Background refresh (see Ranker._refresh): rows per lookup call, and the share of time a
+# burst of calls may take (it sleeps 3x as long as each call took before the next).
 _REFRESH_ROWS = 4096
+_REFRESH_DUTY = 0.25
 
 
 def check_near_cache(rows: int, ttl_s: float, refresh_ahead: float = 0.0) -> None:
@@ -119,11 +122,17 @@ def resolve_version_dir(model: str | Path) -> Path:
 class Ranker:
     """Scores candidates with one model version; thread-safe (the tower runs concurrently)."""
 
-    def __init__(self, config: RankerConfig, lookup: LookupFn) -> None:
+    def __init__(
+        self, config: RankerConfig, lookup: LookupFn, refresh_lookup: LookupFn | None = None
+    ) -> None:
         import torch  # serving processes that only hold embeddings never load torch
 
         self.config = config
         self._lookup = lookup
+        # The near cache's background refreshes: ``lookup`` unless the caller has a lane
+        # that keeps them out of the way of requests (ServingClient: no coalescing, so a
+        # request's lookup never queues behind a refresh).
+        self._refresh_lookup = refresh_lookup or lookup
         vdir = resolve_version_dir(config.model)
         self.manifest = ModelManifest.load(vdir, verify=config.verify_checksums)
         scheme = self.manifest.hashing.get("scheme", HASH_SCHEME)
@@ -442,9 +451,11 @@ class Ranker:
 
     def _refresh(self) -> None:
         """Fetch the due rows again and admit them, ``_REFRESH_ROWS`` a lookup call, until
-        none is due. Bounded calls: rows fetched together come due together (a cold start
-        fetches them all at once), and one huge call would hold the replica, and then the
-        cache's lock for its admit, long enough to show in request latency."""
+        none is due. Bounded, paced calls: rows fetched together come due together (a
+        cold start fetches them all at once), and one huge call, or a train of them back
+        to back, would hold the replica and the cache's lock long enough to show in
+        request latency. The half TTL between due and expiry leaves time to pace."""
+        busy = 0.0  # seconds the last refresh call took
         while True:
             with self._due_lock:
                 jobs, self._due = self._due, []
@@ -464,16 +475,19 @@ class Ranker:
                 keep[1:] = (ids[1:] != ids[:-1]) | (tix[1:] != tix[:-1])
                 ids, tix = ids[keep], tix[keep]
                 for lo in range(0, len(ids), _REFRESH_ROWS):
-                    self._refresh_rows(
-                        cache, ids[lo : lo + _REFRESH_ROWS], tix[lo : lo + _REFRESH_ROWS]
-                    )
+                    if busy:  # pace a burst: requests get the rest of the CPU and the replica
+                        time.sleep(busy * (1 / _REFRESH_DUTY - 1))
+                    t0 = time.perf_counter()
+                    hi = lo + _REFRESH_ROWS
+                    self._refresh_rows(cache, ids[lo:hi], tix[lo:hi])
+                    busy = time.perf_counter() - t0
 
     def _refresh_rows(self, cache: RowCache, ids: np.ndarray, tix: np.ndarray) -> None:
         tables = self._tables
         bounds = np.searchsorted(tix, np.arange(len(tables) + 1))
         asked = [k for k in range(len(tables)) if bounds[k + 1] > bounds[k]]
         try:
-            got = self._lookup({tables[k]: ids[bounds[k] : bounds[k + 1]] for k in asked})
+            got = self._refresh_lookup({tables[k]: ids[bounds[k] : bounds[k + 1]] for k in asked})
         except Exception:
             # Left marked due: they expire at their TTL and are fetched on a request's path
             # (or served stale), so a down replica costs no retry storm here.

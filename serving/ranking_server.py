@@ -24,6 +24,7 @@ Example (in process; ``python -m recps.serving.ranking_server`` runs it as a ser
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import json
 import logging
@@ -169,6 +170,7 @@ class RankingService:
                 near_cache_refresh_ahead=c.near_cache_refresh_ahead,
             ),
             self.client.lookup,
+            refresh_lookup=functools.partial(self.client.lookup, coalesce=False),
         )
         self.version_gauge.set(ranker.version)
         log.info("ranking with model version %d from %s", ranker.version, vdir)
