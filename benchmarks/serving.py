@@ -15,7 +15,10 @@ with 26 tables C1..C26 of dim 16 (``--vocab`` rows each, float32) and a DLRM tow
 raw values hit stored rows (and values past the vocabulary miss, as new items do). A
 request is 1 user context plus 100 candidates, each with 26 categorical values drawn
 Zipf(1.1) over 1.2 x vocab values (the context carries the 13 dense values): 2,626 ids,
-~2,000 unique after dedup.
+~1,400-1,600 unique after dedup. ``--requests`` distinct requests (128) are cycled.
+docs/benchmarks.md has runs with 1,024, where the tail rows of a request recur only
+every few seconds and, with the full run's vocabulary, the rows in use outgrow the
+ranking service's default near cache.
 
 * lookup_*: ``ServingClient.lookup`` of one request's ids against one replica process
   (``python -m recps.serving.main``), ``--concurrency`` threads back to back, with the
@@ -213,7 +216,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small vocab, short rounds")
     p.add_argument("--vocab", type=int, default=None, help="rows per table")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--requests", type=int, default=64, help="distinct requests, cycled")
+    p.add_argument(
+        "--requests", type=int, default=None, help="distinct requests, cycled (default 128)"
+    )
     p.add_argument("--seconds", type=float, default=None, help="per measurement")
     p.add_argument(
         "--coalesce",
@@ -230,6 +235,7 @@ def main() -> None:
     a = p.parse_args()
     vocab = a.vocab or (5_000 if a.quick else 100_000)
     seconds = a.seconds or (2.0 if a.quick else 15.0)
+    n_requests = a.requests or 128
     t_start = time.perf_counter()
 
     from recps.proto import ranking_pb2, ranking_pb2_grpc
@@ -245,7 +251,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_version(root, 1, vocab, seed=1)
         log(f"version 1: 26 tables x {vocab} rows written in {time.perf_counter() - t0:.1f} s")
-        reqs = requests(a.requests, vocab, seed=3)
+        reqs = requests(n_requests, vocab, seed=3)
         ids = [request_ids(r) for r in reqs]
         uniq = int(np.mean([sum(len(np.unique(v)) for v in x.values()) for x in ids]))
         log(f"requests: {sum(len(v) for v in ids[0].values())} ids, ~{uniq} unique")
@@ -377,6 +383,7 @@ def main() -> None:
         "swap_requests": during["requests"],
         "swap_versions_seen": sorted(versions),
         "concurrency": a.concurrency,
+        "distinct_requests": n_requests,
         "ids_per_request": sum(len(v) for v in ids[0].values()),
         "unique_ids_per_request": uniq,
         "vocab_per_table": vocab,
