@@ -77,8 +77,12 @@ class Coalescer(Generic[T, R]):
                 self._leaders += 1
                 me.lead = True
             else:
-                while not (me.done or me.lead):
-                    me.wake.wait()
+                try:
+                    while not (me.done or me.lead):
+                        me.wake.wait()
+                except BaseException:  # interrupted while queued: leave, and lead no one
+                    self._abandon(me)
+                    raise
         if me.lead:
             self._lead(me)
         if me.error is not None:
@@ -115,6 +119,15 @@ class Coalescer(Generic[T, R]):
                         c.value = r
                     c.done = True
                     c.wake.notify()
+
+    def _abandon(self, me: _Call[T]) -> None:
+        """(Lock held.) A waiting call gives up: out of the queue, and a leader slot it
+        was handed goes on to the next waiting call, or nobody would lead the queue."""
+        if me in self._queue:
+            self._queue.remove(me)
+        if me.lead:
+            me.lead = False
+            self._pass_lead()
 
     def _take(self) -> list[_Call[T]]:
         batch: list[_Call[T]] = []

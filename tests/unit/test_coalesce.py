@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import recps.serving.coalesce as coalesce_module
 from recps.serving.coalesce import Coalescer
 
 pytestmark = pytest.mark.timeout(60)
@@ -168,3 +169,44 @@ def test_random_arrivals_every_call_answered_once_in_order_of_its_batch(inflight
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         Coalescer(lambda items: items, max_inflight=0)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_caller_interrupted_after_being_handed_the_lead_passes_it_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiting call that dies (KeyboardInterrupt, say) just as it is made leader must
+    hand the lead on: else the calls queued behind it would wait forever."""
+    doomed = threading.local()
+
+    class DyingCondition(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            got = super().wait(timeout)
+            if getattr(doomed, "yes", False):
+                raise _Interrupted
+            return got
+
+    monkeypatch.setattr(coalesce_module.threading, "Condition", DyingCondition)
+    rec = Recorder(hold_first=True)
+    co = Coalescer(rec, max_inflight=1)
+
+    def dying_call(x: int) -> int:
+        doomed.yes = True
+        return co(x)
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(co, 1)
+        assert rec.entered.wait(10)
+        victim = pool.submit(dying_call, 2)
+        wait_queued(co, 1)
+        after = pool.submit(co, 3)
+        wait_queued(co, 2)
+        rec.release.set()  # the leader finishes and hands the lead to the victim
+        assert first.result(timeout=10) == 10
+        with pytest.raises(_Interrupted):
+            victim.result(timeout=10)
+        assert after.result(timeout=10) == 30
+    assert co._leaders == 0 and not co._queue
