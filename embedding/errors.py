@@ -85,7 +85,8 @@ class TableExistsError(RecpsError):
 
 
 class CapacityError(RecpsError):
-    """A single batch cannot fit in the hot tier's memory budget."""
+    """A single batch is too big: for the hot tier's memory budget, a server's
+    ``max_ids_per_request``, or a gRPC message size limit. Split it."""
 
     status = "RESOURCE_EXHAUSTED"
 

@@ -11,7 +11,9 @@ version. :class:`ServingClient` learns who holds what from every replica's admin
 * on ``UNAVAILABLE`` / ``DEADLINE_EXCEEDED`` / ``RESOURCE_EXHAUSTED`` marks that replica
   down for ``down_s`` (doubling while it stays down) and re-sends its part to another
   holder of the same shards, so one dead replica never fails a request that another
-  replica can answer.
+  replica can answer. A request too big for the replica (too many ids, or a message
+  past ``max_message_bytes``) is a :class:`CapacityError` for the caller instead: the
+  replica is not to blame, and another would refuse it too.
 
 Lookups are read-only, so re-sending is always safe.
 
@@ -228,8 +230,9 @@ class ServingClient:
 
     def _lookup_many(self, batches: list[dict[str, np.ndarray]]) -> list[Any]:
         """The lookups of several callers as one: ids concatenated per table, looked up
-        once, rows split back. A request-content error (unknown table, bad ids) from the
-        merged call is re-asked one caller at a time, so it reaches only its own caller."""
+        once, rows split back. A request-content error (unknown table, bad ids, a merged
+        request or response too big for the replica) is re-asked one caller at a time, so
+        it reaches only the caller that causes it, if any."""
         if len(batches) == 1:
             return [self._lookup_one(batches[0])]
         merged: dict[str, list[np.ndarray]] = {}
@@ -238,7 +241,7 @@ class ServingClient:
                 merged.setdefault(t, []).append(v)
         try:
             rows = self._lookup_one({t: np.concatenate(vs) for t, vs in merged.items()})
-        except (E.InvalidArgumentError, E.UnknownTableError):
+        except (E.InvalidArgumentError, E.UnknownTableError, E.CapacityError):
             out: list[Any] = []
             for b in batches:
                 try:
@@ -360,11 +363,11 @@ class ServingClient:
         try:
             resp = r.ps.Lookup(req, timeout=self.config.timeout_s, metadata=self._metadata())
         except grpc.RpcError as e:
-            err = from_rpc_error(e, r.address)
-            if e.code() in _FAILOVER_CODES:
+            err = _too_large(e, r.address) or from_rpc_error(e, r.address)
+            if e.code() in _FAILOVER_CODES and not isinstance(err, E.CapacityError):
                 self._mark(r, down=True)
                 raise _Failover(err) from None
-            self._mark(r, down=False)
+            self._mark(r, down=False)  # it answered: a request too big is not its failure
             raise err from None
         finally:
             with self._lock:
@@ -482,6 +485,16 @@ def dedup_tables(
         return out
 
     return uniq, expand
+
+
+def _too_large(e: grpc.RpcError, where: str) -> E.CapacityError | None:
+    """gRPC's own message-size refusal (either side's ``max_message_bytes``), as the
+    CapacityError a replica raises for too many ids: the request is too big, the replica
+    is fine. Otherwise None."""
+    details = e.details() or ""
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return E.CapacityError(f"{where}: {details}; split the batch")
+    return None
 
 
 def _as_ids(v: Any) -> np.ndarray:

@@ -37,6 +37,7 @@ from recps.ps.client import PSClient
 from recps.ps.config import ClientConfig
 from recps.ps.routing import ShardMap
 from recps.serving import model_format as mf
+from recps.serving.client import ServingClient, ServingClientConfig
 from recps.serving.errors import NoPreviousVersionError, ShardNotHeldError
 from recps.serving.replica import ReplicaConfig, ServingReplica
 from recps.serving.replica_server import SERVED_RPCS, ServingAdminClient
@@ -377,6 +378,30 @@ def test_bad_requests_get_precise_statuses(served: Any) -> None:
         replica.client().lookup({"nope": [1]})
     got = replica.client().lookup({"f32": tables["f32"][0][:2]})["f32"]  # still serving
     np.testing.assert_array_equal(got, tables["f32"][1][:2])
+
+
+def test_too_big_is_the_callers_error_and_merged_calls_split_again(served: Any) -> None:
+    """This replica sends at most 1 MiB. A response past that is a CapacityError for the
+    caller, the replica is not marked down, and a merged lookup that outgrows it is asked
+    again one caller at a time."""
+    replica, _, _ = served
+    client = ServingClient([replica.address], ServingClientConfig(coalesce_max_ids=1 << 20))
+    try:
+        # "i8" has dim 16: 64 B a float32 row; 12,000 ids ~ 770 KB, two of them ~1.5 MB.
+        a = {"i8": np.arange(12_000, dtype=np.int64)}
+        b = {"i8": np.arange(50_000, 62_000, dtype=np.int64), "f32": np.arange(5)}
+        want_a, want_b = client.lookup(a), client.lookup(b)
+        out = client._lookup_many([a, b])
+        np.testing.assert_array_equal(out[0]["i8"], want_a["i8"])
+        np.testing.assert_array_equal(out[1]["i8"], want_b["i8"])
+        np.testing.assert_array_equal(out[1]["f32"], want_b["f32"])
+        with pytest.raises(E.CapacityError, match="larger than max"):
+            client.lookup({"i8": np.arange(20_000, dtype=np.int64)})
+        st = client.stats()[0]
+        assert st["failures"] == 0 and not st["down"], st
+        np.testing.assert_array_equal(client.lookup(a)["i8"], want_a["i8"])
+    finally:
+        client.close()
 
 
 def test_health_and_prometheus_metrics(served: Any) -> None:
