@@ -281,7 +281,7 @@ def test_rows_in_use_are_refreshed_in_the_background_before_they_expire(
     monkeypatch.setattr(ranking_module, "_REFRESH_ROWS", chunk)
     make_version(tmp_path, 1)
     rows = Rows()
-    ttl = 1.0
+    ttl = 2.0  # due after 1 s (ahead 0.5); 0.9 s of slack before expiry on a slow box
     cfg = RankerConfig(
         str(tmp_path), near_cache_rows=64, near_cache_ttl_s=ttl, near_cache_refresh_ahead=ahead
     )
@@ -291,9 +291,10 @@ def test_rows_in_use_are_refreshed_in_the_background_before_they_expire(
     old = by_hand(rows, ctx, cands)
     t0 = time.monotonic()
     np.testing.assert_allclose(ranker.score(ctx, cands), old, rtol=1e-5, atol=1e-6)
+    fetched = time.monotonic()  # the rows were admitted between t0 and now
     rows.shift = 0.5  # the replicas' rows change
     fresh = by_hand(rows, ctx, cands)
-    time.sleep(0.6)  # past refresh_ahead * ttl, within the ttl
+    time.sleep(fetched + 1.1 - time.monotonic())  # past refresh_ahead * ttl, within the ttl
     np.testing.assert_allclose(ranker.score(ctx, cands), old, rtol=1e-5, atol=1e-6)
     assert time.monotonic() - t0 < ttl, "too slow a machine for this test's timing"
     if ahead:
