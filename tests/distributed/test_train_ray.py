@@ -2,12 +2,15 @@
 
 One job runs end to end and is checked for quality, checkpoints and leftovers; a second
 loses a worker to SIGKILL after its first checkpoint and must finish through Ray Train's
-restart, resuming from that checkpoint. Both are small so the suite stays quick on 2 cores.
+restart, resuming from that checkpoint; a third grows by a shard (`recps shard add
+--rebalance`, a second driver on the job's Ray) while it trains. They are small so the
+suite stays quick on 2 cores (the third runs ~50 s: the add must end well inside training).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -136,3 +139,59 @@ def test_cli_check_and_bad_config(tmp_path: Path) -> None:
     out = subprocess.run([*exe, str(good), "--resume"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "nothing to resume" in out.stderr
+
+
+def test_a_shard_added_while_the_job_trains_takes_slots_and_is_checkpointed(
+    tmp_path: Path,
+) -> None:
+    """`recps shard add --rebalance` against a running `recps train` job: the new shard
+    actor joins the job's Ray, takes slots live, the workers train through the move, the
+    job's later checkpoints include the new shard, and its shutdown stops it too."""
+    data_dir = tmp_path / "job"
+    # Long enough that the add (an actor start and a paced move, ~10 s here) ends well
+    # inside training: 6 epochs of 90k rows, ~530 steps. More epochs of the small data
+    # set would overfit (AUC ~0.56 after 70 epochs, with or without a move).
+    cfg = job_dict(data_dir, checkpoint_every_steps=40, epochs=6)
+    cfg["data"]["synth"]["rows"] = 100_000
+    job = load_job_config(cfg)
+    grown: dict[str, Any] = {}
+
+    def grow() -> None:
+        ckpts = data_dir / "checkpoints"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if ckpts.exists() and any((c / "COMPLETE").exists() for c in ckpts.iterdir()):
+                grown["before"] = sorted(c.name for c in ckpts.iterdir())
+                cmd = [sys.executable, "-m", "recps.cli.main", "shard", "add"]
+                cmd += ["--cluster-file", str(data_dir / "cluster.json")]
+                cmd += ["--rebalance", "--yes", "--json"]
+                t0 = time.monotonic()
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+                grown.update(rc=r.returncode, out=r.stdout, err=r.stderr, at=time.monotonic())
+                grown["took_s"] = grown["at"] - t0
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=grow, daemon=True)
+    t.start()
+    result = run_job(job, progress=False)
+    ended = time.monotonic()
+    t.join(timeout=5)
+    assert grown.get("rc") == 0, grown.get("err", "no shard add ran")[-3000:]
+    assert grown["at"] < ended, f"the job ended before the shard joined: {grown['took_s']} s"
+    added = json.loads(grown["out"])
+    assert added["shard_id"] == 2 and added["rebalance"]["moved_slots"] > 0
+    assert result.steps >= 500 and 0.6 < result.eval["auc"] <= 1.0, (result.steps, result.eval)
+    kept = sorted(c.name for c in (data_dir / "checkpoints").iterdir())  # the newest 3
+    later = [c for c in kept if c not in grown["before"]]
+    assert later, (kept, grown["before"])
+    for tag in later:  # taken on 3 shards, the new one holding its moved rows
+        ckpt = data_dir / "checkpoints" / tag
+        assert (ckpt / "shard-2" / "manifest.json").exists(), sorted(os.listdir(ckpt))
+    entry = [s for s in json.loads((data_dir / "cluster.json").read_text())["shards"]]
+    pids = [int(s["pid"]) for s in entry]
+    assert [s["shard_id"] for s in entry] == [0, 1, 2]
+    deadline = time.monotonic() + 20
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if pid_alive(p)], "shards left running after the job"
