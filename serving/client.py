@@ -17,6 +17,11 @@ version. :class:`ServingClient` learns who holds what from every replica's admin
 
 Lookups are read-only, so re-sending is always safe.
 
+Concurrent ``lookup`` calls from several threads are coalesced
+(:mod:`recps.serving.coalesce`): while a merged lookup is in flight to each replica,
+new calls queue and then share the next RPC, ids deduplicated across them. A lone call
+never waits; ``coalesce_inflight=0`` turns this off.
+
 Example:
     >>> client = ServingClient(["127.0.0.1:7101", "127.0.0.1:7102"])  # doctest: +SKIP
     >>> client.lookup({"C1": np.array([3, 5, 3])})["C1"].shape  # doctest: +SKIP
