@@ -200,6 +200,7 @@ class Ranker:
         self._refreshing = False
         self.rows_refreshed = 0  # rows fetched again ahead of their expiry
         self.refresh_failures = 0
+        self._closed = False
         self._refresher = (
             ThreadPoolExecutor(1, thread_name_prefix="recps-near-refresh")
             if self._near and config.near_cache_refresh_ahead
@@ -440,9 +441,20 @@ class Ranker:
         # One dim, one cache: its rows are already every table's, in u_ids' order.
         return out, groups[0][3] if len(groups) == 1 else None
 
+    def close(self) -> None:
+        """Stop refreshing the near cache (a swapped-out version, or a stopping service):
+        a refresh in progress ends after its current call. Scoring still works."""
+        with self._due_lock:
+            self._closed = True
+            self._due = []
+        if self._refresher is not None:
+            self._refresher.shutdown(wait=False, cancel_futures=True)
+
     def _refresh_later(self, dues: list[tuple[RowCache, np.ndarray, np.ndarray]]) -> None:
         assert self._refresher is not None
         with self._due_lock:
+            if self._closed:
+                return
             self._due.extend(dues)
             if self._refreshing:
                 return  # the running refresh takes these too
@@ -475,6 +487,10 @@ class Ranker:
                 keep[1:] = (ids[1:] != ids[:-1]) | (tix[1:] != tix[:-1])
                 ids, tix = ids[keep], tix[keep]
                 for lo in range(0, len(ids), _REFRESH_ROWS):
+                    if self._closed:
+                        with self._due_lock:
+                            self._refreshing = False
+                        return
                     if busy:  # pace a burst: requests get the rest of the CPU and the replica
                         time.sleep(busy * (1 / _REFRESH_DUTY - 1))
                     t0 = time.perf_counter()

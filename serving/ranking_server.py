@@ -205,8 +205,10 @@ class RankingService:
             if [t.dim for t in new.manifest.tables.values()] != [
                 t.dim for t in old.manifest.tables.values()
             ]:
+                new.close()
                 raise E.ConfigError(f"version {v} changes table dims; start a new service for it")
             self._ranker = new  # one reference swap: requests keep the ranker they took
+            old.close()  # its near cache is no longer refreshed; its requests still finish
         return v
 
     def _watch(self) -> None:
@@ -252,6 +254,7 @@ class RankingService:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        self._ranker.close()
         self.client.close()
 
 

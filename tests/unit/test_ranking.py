@@ -315,3 +315,18 @@ def test_rows_in_use_are_refreshed_in_the_background_before_they_expire(
         assert ranker.rows_refreshed == 0 and len(rows.calls) == 1
     with pytest.raises(E.ConfigError, match="refresh_ahead"):
         RankerConfig(str(tmp_path), near_cache_rows=8, near_cache_refresh_ahead=1.0)
+
+
+def test_a_closed_ranker_scores_but_no_longer_refreshes(tmp_path: Path) -> None:
+    make_version(tmp_path, 1)
+    rows = Rows()
+    cfg = RankerConfig(str(tmp_path), near_cache_rows=64, near_cache_ttl_s=2.0)
+    ranker = Ranker(cfg, rows)  # refresh-ahead at the default half TTL
+    ctx, cands = {"user": 4, "I1": 2}, [{"item": 1}]
+    want = ranker.score(ctx, cands)
+    fetched = time.monotonic()
+    ranker.close()  # as a swapped-out version is
+    time.sleep(fetched + 1.1 - time.monotonic())  # the rows are due now
+    np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-6)
+    time.sleep(0.3)
+    assert ranker.rows_refreshed == 0 and len(rows.calls) == 1
