@@ -365,8 +365,8 @@ class PSClient:
                     only_frozen = only_frozen and frozen
                     if code == _STALE and isinstance(err, E.StaleShardMapError):
                         stale = True
-                    elif code not in _RETRY:
-                        raise err from None
+                    elif code not in _RETRY or isinstance(err, E.CapacityError):
+                        raise err from None  # too big stays too big: no retry
                     last = err
                     if call == "Push" and code in _UNKNOWN_OUTCOME and not frozen:
                         sticky.append((shard, parts, epoch, addr))

@@ -112,6 +112,10 @@ def from_rpc_error(e: grpc.RpcError, where: str = "") -> E.RecpsError:
     details = (e.details() if hasattr(e, "details") else None) or str(e)
     md = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
     cls = _CLASSES.get(md.get(ERROR_TYPE_KEY, "")) or _FALLBACK.get(code, E.RecpsError)
+    if cls is E.BackPressureError and "larger than max" in details:
+        # gRPC's own refusal of a message past either side's max_message_bytes: the
+        # request is too big (retrying cannot help), not a busy server.
+        cls, details = E.CapacityError, f"{details}; split the batch"
     msg = f"{where}: {details}" if where else details
     err = cls.__new__(cls)
     Exception.__init__(err, msg)

@@ -368,7 +368,7 @@ class ServingClient:
         try:
             resp = r.ps.Lookup(req, timeout=self.config.timeout_s, metadata=self._metadata())
         except grpc.RpcError as e:
-            err = _too_large(e, r.address) or from_rpc_error(e, r.address)
+            err = from_rpc_error(e, r.address)  # a message too big: CapacityError
             if e.code() in _FAILOVER_CODES and not isinstance(err, E.CapacityError):
                 self._mark(r, down=True)
                 raise _Failover(err) from None
@@ -490,16 +490,6 @@ def dedup_tables(
         return out
 
     return uniq, expand
-
-
-def _too_large(e: grpc.RpcError, where: str) -> E.CapacityError | None:
-    """gRPC's own message-size refusal (either side's ``max_message_bytes``), as the
-    CapacityError a replica raises for too many ids: the request is too big, the replica
-    is fine. Otherwise None."""
-    details = e.details() or ""
-    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-        return E.CapacityError(f"{where}: {details}; split the batch")
-    return None
 
 
 def _as_ids(v: Any) -> np.ndarray:

@@ -3,12 +3,15 @@
 * an empty lookup returns ``(0, dim)`` even from a client that never saw the table;
 * control-plane calls ride out a shard restart (UNAVAILABLE is retried);
 * a retried Checkpoint that had completed answers as the first try did (request_id),
-  while any other reuse of a tag is still refused.
+  while any other reuse of a tag is still refused;
+* a lookup whose response is past the client's message limit is a CapacityError at
+  once, not retried as back pressure.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -76,3 +79,21 @@ def test_checkpoint_retry_with_the_same_request_id_is_answered(
             )
         assert e.value.code() == grpc.StatusCode.INTERNAL
         assert "already exists" in e.value.details()
+
+
+def test_a_response_too_big_for_the_client_is_a_capacity_error_without_retries(
+    ps_group: ShardGroup,
+) -> None:
+    cluster = ps_group.start(1)
+    with cluster.client() as maker:
+        maker.create_table(TableConfig("big", dim=16))
+    # 1 MiB receive limit; 20,000 rows of 64 B come back as ~1.3 MB. Retries as back
+    # pressure (5, from 0.5 s) would take seconds; a CapacityError comes at once.
+    with cluster.client(
+        max_message_bytes=1 << 20, max_retries=5, backoff_initial_s=0.5, backoff_max_s=1.0
+    ) as client:
+        t0 = time.monotonic()
+        with pytest.raises(E.CapacityError, match=r"larger than max.*split the batch"):
+            client.lookup({"big": np.arange(20_000)}, create_missing=False)
+        assert time.monotonic() - t0 < 0.5
+        assert client.lookup({"big": np.arange(1000)})["big"].shape == (1000, 16)

@@ -149,6 +149,16 @@ def test_plain_grpc_codes_map_to_a_recps_error(code, cls) -> None:
 
 
 @pytest.mark.parametrize(
+    "details",
+    ["Received message larger than max (1536191 vs. 1048576)", "Sent message larger than max"],
+)
+def test_grpcs_message_size_refusal_is_a_capacity_error_not_back_pressure(details) -> None:
+    back = from_rpc_error(_FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details), "s0")
+    assert type(back) is E.CapacityError
+    assert str(back) == f"s0: {details}; split the batch"
+
+
+@pytest.mark.parametrize(
     "entries",
     [
         [],
