@@ -149,6 +149,17 @@ class RankingService:
                 tls=config.client_tls,
             ),
         )
+        coalesced = Gauge(
+            "recps_ranking_lookups_coalesced",
+            "Replica lookups: lookup() calls made (calls) and the merged RPCs that carried "
+            "them (batches); calls / batches is how many requests shared an RPC",
+            ["stat"],
+            registry=self.registry,
+        )
+        for stat in ("calls", "batches"):
+            coalesced.labels(stat).set_function(
+                lambda stat=stat: float(self.client.coalesce_stats()[stat])
+            )
         self._ranker = self._load(resolve_version_dir(config.model))
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None

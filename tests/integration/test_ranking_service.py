@@ -330,6 +330,12 @@ def test_http_predict_health_metrics_and_bad_input(served: Served) -> None:
     }
     assert near['stat="misses"'] > 0 and near['stat="rows"'] > 0, near
     assert {'stat="refreshed"', 'stat="refresh_failures"'} <= set(near), near
+    merged = {
+        line.split("{")[1].split("}")[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("recps_ranking_lookups_coalesced{")
+    }
+    assert merged['stat="calls"'] >= merged['stat="batches"'] > 0, merged
     code, body = _http(served, "/predict", raw=b"{not json")
     assert code == 400 and body["status"] == "INVALID_ARGUMENT"
     code, body = _http(served, "/predict", {"context": {}, "candidates": []})
