@@ -14,7 +14,7 @@ Example:
     >>> store.close()
 """
 
-from recps.embedding.base import EmbeddingStore, RowBatch, StoreStats
+from recps.embedding.base import DurableMark, EmbeddingStore, RowBatch, StoreStats
 from recps.embedding.config import (
     AdmissionConfig,
     ExpiryConfig,
@@ -52,6 +52,7 @@ __all__ = [
     "ConfigError",
     "DimensionMismatchError",
     "DtypeError",
+    "DurableMark",
     "EmbeddingStore",
     "ExpiryConfig",
     "InitializerConfig",

@@ -50,6 +50,24 @@ class RowBatch:
         return len(self.ids)
 
 
+@dataclass(frozen=True)
+class DurableMark:
+    """Metadata that must be durable exactly when a push's rows are: written in the same
+    atomic RocksDB WriteBatch as them (sync durability), with the key range ``drop``
+    ([begin, end)) of older marks deleted in that batch. The PS marks each (client, seq)
+    push a table applied, so a retry after a kill -9 is known as a duplicate even when
+    the crash came between the rows' write and any other record of it.
+
+    Example:
+        >>> DurableMark(b"push/a/1", drop=(b"push/a/0", b"push/a/1")).key
+        b'push/a/1'
+    """
+
+    key: bytes
+    value: bytes = b""
+    drop: tuple[bytes, bytes] | None = None
+
+
 @dataclass
 class StoreStats:
     table: str
@@ -225,6 +243,7 @@ class EmbeddingStore(ABC):
         self.admission = Admission(config.admission)
         self._clock: Clock = clock or time.time
         self._lock = threading.RLock()
+        self._mark: DurableMark | None = None  # of the apply_gradients call in progress
         self._closed = False
         self._stats = StoreStats(table=config.name)
         self._stop = threading.Event()
@@ -247,11 +266,15 @@ class EmbeddingStore(ABC):
             self._stats.rows_looked_up += len(ids)
             return self._lookup(ids, create_missing)
 
-    def apply_gradients(self, ids: np.ndarray, grads: np.ndarray) -> int:
+    def apply_gradients(
+        self, ids: np.ndarray, grads: np.ndarray, mark: DurableMark | None = None
+    ) -> int:
         """Apply one gradient batch with the table's optimizer; returns rows updated.
 
         Duplicate ids are summed first. NaN/Inf rows raise ``NonFiniteGradientError``
-        (store unchanged) unless the table says ``nonfinite="skip"``.
+        (store unchanged) unless the table says ``nonfinite="skip"``. ``mark`` is
+        recorded in the same atomic write as the rows where that write is durable
+        (``TieredStore`` with sync durability; see :class:`DurableMark`).
         """
         ids = self._check_ids(ids)
         grads = self._check_grads(ids, grads)
@@ -273,9 +296,18 @@ class EmbeddingStore(ABC):
             self._check_open()
             self._stats.pushes += 1
             self._stats.nonfinite_skipped += n_bad
-            applied = self._apply(uids, gsum)
+            self._mark = mark
+            try:
+                applied = self._apply(uids, gsum)
+            finally:
+                self._mark = None
             self._stats.rows_updated += applied
             return applied
+
+    def marks(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """The durable marks (see :class:`DurableMark`) whose keys start with ``prefix``.
+        A store that writes none (in memory, or without sync durability) has none."""
+        return []
 
     def flush(self) -> None:
         """Make every applied update durable (in the RocksDB WAL for tiered stores)."""

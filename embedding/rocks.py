@@ -78,8 +78,10 @@ class RocksTable:
         values: list[bytes] = (),  # type: ignore[assignment]
         deletes: list[bytes] = (),  # type: ignore[assignment]
         meta: dict[bytes, bytes] | None = None,
+        meta_drop: tuple[bytes, bytes] | None = None,
     ) -> None:
-        """One atomic WriteBatch through the WAL: rows, deletions and metadata together."""
+        """One atomic WriteBatch through the WAL: rows, deletions and metadata together
+        (``meta_drop``: a [begin, end) range of metadata keys deleted in it)."""
         wb = rd.WriteBatch(raw_mode=True)
         wb.set_default_column_family(self._rows_h)
         put, delete = wb.put, wb.delete
@@ -87,9 +89,25 @@ class RocksTable:
             put(k, v)
         for k in deletes:
             delete(k)
+        if meta_drop is not None:
+            wb.delete_range(meta_drop[0], meta_drop[1], self._meta_h)
         for k, v in (meta or {}).items():
             wb.put(k, v, self._meta_h)
         self.db.write(wb, self._wopts)
+
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Metadata entries whose keys start with ``prefix``, in key order."""
+        it = self.meta.iter()
+        it.seek(prefix)
+        out = []
+        while it.valid():
+            k = it.key()
+            if not k.startswith(prefix):
+                break
+            out.append((k, it.value()))
+            it.next()
+        del it
+        return out
 
     def get_meta(self, key: bytes) -> bytes | None:
         return self.meta.get(key)

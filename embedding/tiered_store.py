@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recps.embedding.base import Clock, EmbeddingStore, RowBatch, StoreStats
+from recps.embedding.base import Clock, DurableMark, EmbeddingStore, RowBatch, StoreStats
 from recps.embedding.config import TableConfig, TieredStoreConfig
 from recps.embedding.errors import CheckpointError, ConfigError, RecpsError
 from recps.embedding.hot_tier import HotTier, put_rows, take_rows
@@ -239,11 +239,21 @@ class TieredStore(EmbeddingStore):
         self._stats.writebacks += len(slots)
         return keys, vals, list(deletes), {b"rows": _i64(self._disk_rows)}
 
-    def _write_rows(self, slots: np.ndarray, deletes: list[bytes] = ()) -> None:  # type: ignore[assignment]
-        """Write hot rows (and optional deletions) in one WAL batch; marks them clean."""
+    def _write_rows(
+        self,
+        slots: np.ndarray,
+        deletes: list[bytes] = (),  # type: ignore[assignment]
+        mark: DurableMark | None = None,
+    ) -> None:
+        """Write hot rows (and optional deletions, and a push's durable mark) in one WAL
+        batch; marks them clean."""
         with self._write_lock:
             keys, vals, dels, meta = self._pack_rows(slots, deletes)
-            self._rocks.write(keys, vals, dels, meta=meta)
+            drop = None
+            if mark is not None:
+                meta[mark.key] = mark.value
+                drop = mark.drop
+            self._rocks.write(keys, vals, dels, meta=meta, meta_drop=drop)
 
     def _evict(self, victims: np.ndarray) -> None:
         dirty = victims[self._hot.dirty[victims]]
@@ -373,7 +383,14 @@ class TieredStore(EmbeddingStore):
 
     def _apply(self, uids: np.ndarray, gsum: np.ndarray) -> int:
         if len(uids) > self._chunk:
-            return sum(self._chunked(self._apply, uids, gsum))
+            # The push's mark rides with its last chunk's write. (A kill -9 between two
+            # chunks' writes leaves the first applied and unmarked: a batch of more than
+            # half the hot tier is not exactly-once across a crash.)
+            mark, self._mark = self._mark, None
+            c = self._chunk
+            n = sum(self._chunked(self._apply, uids[:-c], gsum[:-c]))
+            self._mark = mark
+            return n + self._apply(uids[-c:], gsum[-c:])
         hot = self._hot
         slots = hot.find(uids)
         miss = slots < 0
@@ -393,7 +410,7 @@ class TieredStore(EmbeddingStore):
         hot.updated_at[slots] = self._clock()
         hot.dirty[slots] = True
         if self.store_config.durability == "sync":
-            self._write_rows(slots)
+            self._write_rows(slots, mark=self._mark)
         return len(slots)
 
     def _await_write_back(self) -> None:
@@ -591,6 +608,11 @@ class TieredStore(EmbeddingStore):
         rows = self._disk_rows - len(keys)
         self._rocks_write(deletes=keys, meta={b"rows": _i64(rows)})
         self._disk_rows = rows
+
+    def marks(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            self._check_open()
+            return self._rocks.meta_items(prefix)
 
     def _fill_stats(self, stats: StoreStats) -> StoreStats:
         hot = self._hot

@@ -33,7 +33,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recps.embedding import errors as E
-from recps.embedding.base import RowBatch
+from recps.embedding.base import DurableMark, RowBatch
 from recps.embedding.config import TableConfig
 from recps.embedding.tiered_store import TieredStore
 from recps.proto import ps_pb2, ps_pb2_grpc
@@ -100,6 +100,42 @@ class _Gate:
                 self._cond.notify_all()
 
 
+_PUSH_MARK = b"push/"  # DurableMark keys: prefix, len(client) u16, client, seq u64 (BE)
+
+
+def _mark_prefix(client: str) -> bytes:
+    c = client.encode()
+    return _PUSH_MARK + len(c).to_bytes(2, "big") + c
+
+
+# Marks kept per client and table: the last 1-2 spans of seqs. A retry after a crash is
+# of a push that was in flight then (a handful); older pushes are in the dedup log.
+_MARK_SPAN = 256
+
+
+def mark_floor(seq: int, span: int | None = None) -> int:
+    """Marks of a client below this seq may go: a multiple of the span, 1-2 spans back.
+    It moves once per span of seqs, so a range deletion is written that rarely."""
+    span = span or _MARK_SPAN
+    return max(0, (seq // span - 1) * span)
+
+
+def push_mark(client: str, seq: int, span: int | None = None, drop: bool = True) -> DurableMark:
+    """The mark a sync table writes with the rows of push (client, seq); with ``drop``,
+    the same batch deletes that client's marks below :func:`mark_floor`."""
+    p = _mark_prefix(client)
+    floor = mark_floor(seq, span)
+    below = (p + bytes(8), p + floor.to_bytes(8, "big")) if drop and floor > 0 else None
+    return DurableMark(p + seq.to_bytes(8, "big"), drop=below)
+
+
+def parse_push_mark(key: bytes) -> tuple[str, int]:
+    """(client, seq) of a :func:`push_mark` key."""
+    n = int.from_bytes(key[len(_PUSH_MARK) : len(_PUSH_MARK) + 2], "big")
+    at = len(_PUSH_MARK) + 2
+    return key[at : at + n].decode(), int.from_bytes(key[at + n : at + n + 8], "big")
+
+
 class _Dedup:
     """Exactly-once pushes per (client_id, seq), with a bounded window per client.
 
@@ -115,9 +151,14 @@ class _Dedup:
     which a process crash cannot lose (``fsync`` adds an fsync for power loss, as the
     store's ``fsync`` does for its WAL). ``snapshot`` (clean shutdown, checkpoints and
     whenever the log outgrows ``_LOG_COMPACT_BYTES``) writes the whole state to
-    ``dedup.json`` and empties the log; replaying a record twice is harmless. What it
-    cannot close: a kill -9 between a table's RocksDB write and its record (a few
-    microseconds) forgets that table, and a retry applies it again.
+    ``dedup.json`` and empties the log; replaying a record twice is harmless.
+
+    The log alone cannot close one gap: a kill -9 between a table's RocksDB write and
+    its record would forget that table, and the retry would apply it again (a test hit
+    it about once in eight kills). So with sync durability each table also records the
+    push in the *same* atomic WriteBatch as its rows (a :class:`DurableMark` in the
+    table's metadata; each client's last 256-512 seqs are kept), and a restart folds
+    those marks back in (``recover``).
     """
 
     def __init__(
@@ -157,6 +198,21 @@ class _Dedup:
         with self._lock:
             c = self._clients.get(client)
             return frozenset(c["partial"].get(seq, ())) if c else frozenset()
+
+    def recover(self, marks: Iterable[tuple[str, int, str]]) -> int:
+        """Fold in (client, seq, table) marks read back from the tables after a restart:
+        each is a table of that push whose rows are durable. Returns how many were new."""
+        n = 0
+        with self._lock:
+            for client, seq, table in marks:
+                c = self._client(client)
+                if seq in c["done"] or seq <= c["high"] - self.window:
+                    continue
+                got = c["partial"].setdefault(seq, set())
+                if table not in got:
+                    got.add(table)
+                    n += 1
+        return n
 
     def mark_table(self, client: str, seq: int, table: str, log: bool = True) -> None:
         """``table``'s part of push (client, seq) is applied (and in the WAL if sync)."""
@@ -329,6 +385,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         self._tables_lock = threading.Lock()
         self._gate = _Gate()
         sync = config.store.durability == "sync"
+        self._mark_floors: dict[tuple[str, str], int] = {}  # see _push_mark
         self._dedup = _Dedup(
             config.dedup_window,
             snapshot_path=self.data_dir / "dedup.json",
@@ -385,7 +442,17 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         if dedup.exists():
             self._dedup.load(json.loads(dedup.read_text()))
         # Marks logged since the last snapshot (sync durability): a kill -9 loses none.
-        if self._dedup.replay_log() or (self.data_dir / "dedup.log").exists():
+        replayed = self._dedup.replay_log()
+        if sync:  # and the marks each table wrote with its rows (see _Dedup)
+            found = [
+                (*parse_push_mark(key), name)
+                for name, store in self._tables.items()
+                for key, _ in store.marks(_PUSH_MARK)
+            ]
+            if self._dedup.recover(found):
+                log.info("recovered %d push marks from the tables", len(found))
+                replayed = True
+        if replayed or (self.data_dir / "dedup.log").exists():
             self.save_dedup()
 
     # ---- state on disk ---------------------------------------------------------------------
@@ -602,6 +669,17 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         # Serialized here (see add_servicer): the rows are copied once, into the response.
         return wire.encode_lookup_response(out)
 
+    def _push_mark(self, table: str, client: str, seq: int) -> DurableMark:
+        """The push's durable mark for ``table``, with a range deletion of the client's
+        old marks when its floor has moved since this process last wrote one there (a
+        race between two pushes only writes one more, or one fewer until the next)."""
+        floor = mark_floor(seq)
+        key = (table, client)
+        drop = floor > self._mark_floors.get(key, 0)
+        if drop:
+            self._mark_floors[key] = floor
+        return push_mark(client, seq, drop=drop)
+
     @rpc_handler("Push")
     def Push(self, request: ps_pb2.PushRequest, context: Any) -> ps_pb2.PushResponse:
         tables = request.tables
@@ -637,6 +715,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         applied = 0
         ok = False
         last = len(parsed) - 1
+        marks = bool(client) and self.config.store.durability == "sync"
         try:
             with self._move_gate.shared(), self._gate.shared():
                 # Inside the move gate: a freeze waits for this push, or refuses it.
@@ -646,7 +725,8 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     for k, (name, store, ids, grads) in enumerate(parsed):
                         if name in done:
                             continue
-                        applied += store.apply_gradients(ids, grads)
+                        mark = self._push_mark(name, client, seq) if marks else None
+                        applied += store.apply_gradients(ids, grads, mark=mark)
                         if self.delta is not None:
                             self.delta.changed.add(name, ids)
                         if client:  # the last table's durable record is finish()'s
