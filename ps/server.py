@@ -120,13 +120,12 @@ def mark_floor(seq: int, span: int | None = None) -> int:
     return max(0, (seq // span - 1) * span)
 
 
-def push_mark(client: str, seq: int, span: int | None = None, drop: bool = True) -> DurableMark:
-    """The mark a sync table writes with the rows of push (client, seq); with ``drop``,
-    the same batch deletes that client's marks below :func:`mark_floor`."""
+def push_mark(client: str, seq: int, drop_below: int = 0) -> DurableMark:
+    """The mark a sync table writes with the rows of push (client, seq); the same batch
+    deletes that client's marks of seqs below ``drop_below`` (0: none)."""
     p = _mark_prefix(client)
-    floor = mark_floor(seq, span)
-    below = (p + bytes(8), p + floor.to_bytes(8, "big")) if drop and floor > 0 else None
-    return DurableMark(p + seq.to_bytes(8, "big"), drop=below)
+    drop = (p + bytes(8), p + drop_below.to_bytes(8, "big")) if drop_below > 0 else None
+    return DurableMark(p + seq.to_bytes(8, "big"), drop=drop)
 
 
 def parse_push_mark(key: bytes) -> tuple[str, int]:
@@ -449,8 +448,9 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                 for name, store in self._tables.items()
                 for key, _ in store.marks(_PUSH_MARK)
             ]
-            if self._dedup.recover(found):
-                log.info("recovered %d push marks from the tables", len(found))
+            new = self._dedup.recover(found)
+            if new:
+                log.info("recovered %d push marks from the tables", new)
                 replayed = True
         if replayed or (self.data_dir / "dedup.log").exists():
             self.save_dedup()
@@ -675,10 +675,10 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         race between two pushes only writes one more, or one fewer until the next)."""
         floor = mark_floor(seq)
         key = (table, client)
-        drop = floor > self._mark_floors.get(key, 0)
-        if drop:
-            self._mark_floors[key] = floor
-        return push_mark(client, seq, drop=drop)
+        if floor <= self._mark_floors.get(key, 0):
+            return push_mark(client, seq)
+        self._mark_floors[key] = floor
+        return push_mark(client, seq, drop_below=floor)
 
     @rpc_handler("Push")
     def Push(self, request: ps_pb2.PushRequest, context: Any) -> ps_pb2.PushResponse:

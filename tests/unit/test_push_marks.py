@@ -14,7 +14,7 @@ from recps.proto import ps_pb2
 from recps.ps import wire
 from recps.ps.config import ServerConfig
 from recps.ps.metrics import ServerMetrics
-from recps.ps.server import PSServicer, parse_push_mark, push_mark
+from recps.ps.server import PSServicer, mark_floor, parse_push_mark, push_mark
 from tests.conftest import tiered_config
 from tests.unit.test_slot_stats import _call
 
@@ -72,8 +72,8 @@ def test_marks_ride_with_the_rows_and_old_ones_are_dropped(tmp_path: Path) -> No
     store = TieredStore(tmp_path / "t", TABLE, tiered_config(durability="sync"))
     ids, g = np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32)
     for seq in range(1, 30):
-        store.apply_gradients(ids, g, mark=push_mark("w1", seq, span=4))
-    store.apply_gradients(ids, g, mark=push_mark("w1", 30, span=4, drop=False))
+        store.apply_gradients(ids, g, mark=push_mark("w1", seq, mark_floor(seq, 4)))
+    store.apply_gradients(ids, g, mark=push_mark("w1", 30))
     store.apply_gradients(ids, g, mark=DurableMark(b"other/x"))
     store.apply_gradients(ids, g)  # no mark: none written
     store.close()  # and reopened: the marks are on disk
@@ -100,4 +100,4 @@ def test_a_shard_keeps_a_bounded_number_of_marks_per_client(
 
 def test_a_client_name_with_odd_bytes_round_trips() -> None:
     for client, seq in (("", 0), ("a/b\x00c", 1), ("ünï", 2**40 + 5)):
-        assert parse_push_mark(push_mark(client, seq, 8).key) == (client, seq)
+        assert parse_push_mark(push_mark(client, seq).key) == (client, seq)
