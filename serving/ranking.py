@@ -474,14 +474,13 @@ class Ranker:
                 if not jobs:
                     self._refreshing = False
                     return
-            per_cache: dict[int, tuple[RowCache, list[np.ndarray], list[np.ndarray]]] = {}
-            for cache, ids, tix in jobs:
-                per_cache.setdefault(id(cache), (cache, [], []))
-                per_cache[id(cache)][1].append(ids)
-                per_cache[id(cache)][2].append(tix)
-            for cache, id_parts, tix_parts in per_cache.values():
-                ids, tix = np.concatenate(id_parts), np.concatenate(tix_parts)
-                order = np.lexsort((ids, tix))  # table-major, like every lookup here
+            for cache, _ in self._near:
+                mine = [(i, t) for c, i, t in jobs if c is cache]
+                if not mine:
+                    continue
+                ids = np.concatenate([i for i, _ in mine])
+                tix = np.concatenate([t for _, t in mine])
+                order = table_major_order(ids, tix)  # table-major, like every lookup here
                 ids, tix = ids[order], tix[order]
                 keep = np.ones(len(ids), dtype=bool)
                 keep[1:] = (ids[1:] != ids[:-1]) | (tix[1:] != tix[:-1])
