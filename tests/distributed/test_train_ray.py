@@ -52,6 +52,24 @@ def shard_pids(data_dir: Path) -> list[int]:
     return [int(s["pid"]) for s in cluster["shards"]]
 
 
+def _on_first_checkpoint(data_dir: Path, act: Any) -> threading.Thread:
+    """A thread that waits (up to 300 s) for the job's first complete checkpoint, then
+    calls ``act(names of the checkpoints so far)`` once."""
+
+    def watch() -> None:
+        ckpts = data_dir / "checkpoints"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if ckpts.exists() and any((c / "COMPLETE").exists() for c in ckpts.iterdir()):
+                act(sorted(c.name for c in ckpts.iterdir()))
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 def test_job_trains_checkpoints_and_leaves_nothing_running(tmp_path: Path) -> None:
     data_dir = tmp_path / "job"
     job = load_job_config(job_dict(data_dir, checkpoint_every_steps=8))
@@ -97,21 +115,14 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path: Path) -> None
     job = load_job_config(job_dict(data_dir, checkpoint_every_steps=5, max_inflight_pushes=0))
     killed: dict[str, Any] = {}
 
-    def killer() -> None:
-        ckpts = data_dir / "checkpoints"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if ckpts.exists() and any((c / "COMPLETE").exists() for c in ckpts.iterdir()):
-                try:
-                    killed["pid"] = kill_worker(data_dir, rank=1)
-                    killed["at"] = sorted(c.name for c in ckpts.iterdir())
-                except Exception as e:  # reported by the assertion below
-                    killed["error"] = repr(e)
-                return
-            time.sleep(0.05)
+    def killer(ckpts: list[str]) -> None:
+        try:
+            killed["pid"] = kill_worker(data_dir, rank=1)
+            killed["at"] = ckpts
+        except Exception as e:  # reported by the assertion below
+            killed["error"] = repr(e)
 
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    t = _on_first_checkpoint(data_dir, killer)
     result = run_job(job, progress=False)
     t.join(timeout=5)
     assert "pid" in killed, killed
@@ -156,24 +167,16 @@ def test_a_shard_added_while_the_job_trains_takes_slots_and_is_checkpointed(
     job = load_job_config(cfg)
     grown: dict[str, Any] = {}
 
-    def grow() -> None:
-        ckpts = data_dir / "checkpoints"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if ckpts.exists() and any((c / "COMPLETE").exists() for c in ckpts.iterdir()):
-                grown["before"] = sorted(c.name for c in ckpts.iterdir())
-                cmd = [sys.executable, "-m", "recps.cli.main", "shard", "add"]
-                cmd += ["--cluster-file", str(data_dir / "cluster.json")]
-                cmd += ["--rebalance", "--yes", "--json"]
-                t0 = time.monotonic()
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-                grown.update(rc=r.returncode, out=r.stdout, err=r.stderr, at=time.monotonic())
-                grown["took_s"] = grown["at"] - t0
-                return
-            time.sleep(0.05)
+    def grow(ckpts: list[str]) -> None:
+        grown["before"] = ckpts
+        cmd = [sys.executable, "-m", "recps.cli.main", "shard", "add"]
+        cmd += ["--cluster-file", str(data_dir / "cluster.json"), "--rebalance", "--yes", "--json"]
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        grown.update(rc=r.returncode, out=r.stdout, err=r.stderr, at=time.monotonic())
+        grown["took_s"] = grown["at"] - t0
 
-    t = threading.Thread(target=grow, daemon=True)
-    t.start()
+    t = _on_first_checkpoint(data_dir, grow)
     result = run_job(job, progress=False)
     ended = time.monotonic()
     t.join(timeout=5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -42,6 +42,13 @@ class Recorder:
         return [ValueError(f"bad {x}") if x < 0 else x * 10 for x in items]
 
 
+def hold_a_batch(pool: ThreadPoolExecutor, co: Coalescer, rec: Recorder) -> Future[int]:
+    """Start call 1 and wait until its batch is running (and held by ``rec``)."""
+    first = pool.submit(co, 1)
+    assert rec.entered.wait(10)
+    return first
+
+
 def wait_queued(co: Coalescer, n: int) -> None:
     deadline = time.monotonic() + 10
     while len(co._queue) < n:
@@ -61,8 +68,7 @@ def test_calls_arriving_while_a_batch_runs_share_the_next_one() -> None:
     rec = Recorder(hold_first=True)
     co = Coalescer(rec, max_inflight=1)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(co, 1)
-        assert rec.entered.wait(10)
+        first = hold_a_batch(pool, co, rec)
         rest = [pool.submit(co, x) for x in range(2, 7)]
         wait_queued(co, 5)
         rec.release.set()
@@ -77,8 +83,7 @@ def test_batches_respect_max_size_but_always_take_one_call() -> None:
     rec = Recorder(hold_first=True)
     co = Coalescer(rec, max_inflight=1, max_size=10, size=lambda x: x)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(co, 1)
-        assert rec.entered.wait(10)
+        first = hold_a_batch(pool, co, rec)
         sizes = [4, 5, 3, 12, 2]
         futs = []
         for s in sizes:  # queue them in a known order
@@ -95,8 +100,7 @@ def test_an_error_reaches_only_its_own_caller_and_batching_goes_on() -> None:
     rec = Recorder(hold_first=True)
     co = Coalescer(rec, max_inflight=1)
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(co, 1)
-        assert rec.entered.wait(10)
+        first = hold_a_batch(pool, co, rec)
         good, bad = pool.submit(co, 2), pool.submit(co, -3)
         wait_queued(co, 2)
         rec.release.set()
@@ -198,8 +202,7 @@ def test_a_caller_interrupted_after_being_handed_the_lead_passes_it_on(
         return co(x)
 
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(co, 1)
-        assert rec.entered.wait(10)
+        first = hold_a_batch(pool, co, rec)
         victim = pool.submit(dying_call, 2)
         wait_queued(co, 1)
         after = pool.submit(co, 3)
