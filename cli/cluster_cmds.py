@@ -52,8 +52,9 @@ Columns: ROWS(MEM) rows in the hot tiers, ROWS(DISK) rows in RocksDB (summed ove
 a row may be in both). RSS is the process's resident memory. HIT is the share of looked-up
 ids served from memory since the shard started. SLOTS are the hash slots the shard owns.
 ROWS/S is ids looked up + rows pushed per second, measured over --sample seconds. Below
-the table, each shard's hottest slots (ids requested since it started; rows stored): the
-skew `recps rebalance plan --by qps` evens out. A shard
+the table, each shard's hottest slots (ids requested per second over about the last
+minute, ids requested since it started, rows stored): the skew `recps rebalance plan
+--by qps` evens out. A shard
 whose process is gone shows as down; one whose process lives but does not answer, as
 unreachable.
 
@@ -256,7 +257,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         hot = r.get("hot_slots") or []
         if hot:
-            cells = ", ".join(f"{h['slot']} ({h['requests']} req, {h['rows']} rows)" for h in hot)
+            cells = ", ".join(_hot_slot_cell(h) for h in hot)
             text.append(f"shard {r['shard_id']} hot slots: {cells}")
     up = sum(r["state"] == "up" for r in rows)
     text.append(f"{up}/{len(rows)} shards up")
@@ -264,6 +265,11 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         if r["error"]:
             text.append(f"shard {r['shard_id']} {r['state']}: {r['error']}")
     return "\n".join(text)
+
+
+def _hot_slot_cell(h: dict) -> str:
+    rate = "" if h.get("qps") is None else f"{h['qps']:g} ids/s, "
+    return f"{h['slot']} ({rate}{h['requests']} ids since start, {h['rows']} rows)"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

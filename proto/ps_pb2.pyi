@@ -242,7 +242,7 @@ class TableStats(_message.Message):
     def __init__(self, table: _Optional[str] = ..., rows_in_memory: _Optional[int] = ..., rows_on_disk: _Optional[int] = ..., hit_rate: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., admission_rejected: _Optional[int] = ..., expired_rows: _Optional[int] = ..., nonfinite_skipped: _Optional[int] = ..., lookups: _Optional[int] = ..., pushes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "epoch", "uptime_s", "rss_bytes", "tables", "slot_ids", "slot_rows", "slot_requests", "slot_bytes", "slot_rows_age_s")
+    __slots__ = ("shard_id", "epoch", "uptime_s", "rss_bytes", "tables", "slot_ids", "slot_rows", "slot_requests", "slot_bytes", "slot_rows_age_s", "slot_qps")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class StatsResponse(_message.Message):
     SLOT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     SLOT_ROWS_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    SLOT_QPS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     epoch: int
     uptime_s: float
@@ -263,7 +264,8 @@ class StatsResponse(_message.Message):
     slot_requests: _containers.RepeatedScalarFieldContainer[int]
     slot_bytes: _containers.RepeatedScalarFieldContainer[int]
     slot_rows_age_s: float
-    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., slot_ids: _Optional[_Iterable[int]] = ..., slot_rows: _Optional[_Iterable[int]] = ..., slot_requests: _Optional[_Iterable[int]] = ..., slot_bytes: _Optional[_Iterable[int]] = ..., slot_rows_age_s: _Optional[float] = ...) -> None: ...
+    slot_qps: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., slot_ids: _Optional[_Iterable[int]] = ..., slot_rows: _Optional[_Iterable[int]] = ..., slot_requests: _Optional[_Iterable[int]] = ..., slot_bytes: _Optional[_Iterable[int]] = ..., slot_rows_age_s: _Optional[float] = ..., slot_qps: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("dir", "tag", "request_id")

@@ -624,8 +624,10 @@ class PSClient:
         return self._each_shard("Stats", req, timeout=timeout)
 
     def slot_stats(self, fresh: bool = True) -> SlotStats:
-        """Per-slot rows, bytes and requests of the whole cluster (each shard reports the
-        slots it owns), the input of :func:`recps.ps.rebalance_plan.plan_rebalance`.
+        """Per-slot rows, bytes, requests and request rates of the whole cluster (each
+        shard reports the slots it owns), the input of
+        :func:`recps.ps.rebalance_plan.plan_rebalance`. ``qps`` is None unless every
+        shard reports rates.
 
         Example:
             >>> s = client.slot_stats()  # doctest: +SKIP
@@ -634,12 +636,17 @@ class PSClient:
         """
         n = self._map.num_slots
         rows, nbytes, reqs = (np.zeros(n, np.int64) for _ in range(3))
+        qps: np.ndarray | None = np.zeros(n, np.float64)
         for r in self.stats(fresh_slot_rows=fresh).values():
             ids = np.asarray(r.slot_ids, dtype=np.int64)
             rows[ids] = r.slot_rows
             nbytes[ids] = r.slot_bytes
             reqs[ids] = r.slot_requests
-        return SlotStats(rows, nbytes, reqs)
+            if qps is not None and len(r.slot_qps) == len(ids):
+                qps[ids] = r.slot_qps
+            else:  # a shard from before rates: balance every slot by counts
+                qps = None
+        return SlotStats(rows, nbytes, reqs, qps)
 
     def checkpoint(self, directory: str, tag: str = "") -> dict[int, ps_pb2.CheckpointResponse]:
         """A checkpoint of every shard under ``directory/tag/shard-N``.

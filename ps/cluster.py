@@ -642,8 +642,8 @@ def cluster_status(
     weighted by ids looked up; None before the first lookup), ``slots`` (slots the shard
     owns by its own map), ``rows_per_s`` (ids looked up + rows pushed per second, from the
     delta of the per-table ``lookups`` + ``pushes`` counters between the samples, timed by
-    the shard's uptime), ``tables`` (names), ``hot_slots`` (its top slots by requests since
-    start: slot, requests, rows, bytes). A shard that is not up has None in the numbers.
+    the shard's uptime), ``tables`` (names), ``hot_slots`` (its top slots by request rate:
+    slot, qps, requests since start, rows, bytes). A shard that is not up has None in the numbers.
     """
     from recps.ps.client import PSClient
 
@@ -802,19 +802,25 @@ def remove_shards(
     return out
 
 
-def hot_slots(stats: Any, top: int = 5) -> list[dict[str, int]]:
-    """The ``top`` slots of one ``StatsResponse`` by requests: slot, requests, rows, bytes."""
+def hot_slots(stats: Any, top: int = 5) -> list[dict[str, Any]]:
+    """The ``top`` slots of one ``StatsResponse`` by request rate (by requests since start
+    from a shard too old to send rates): slot, qps, requests, rows, bytes."""
     req = np.asarray(stats.slot_requests, dtype=np.int64)
     if not len(req):
         return []
-    order = np.argsort(-req, kind="stable")[:top]
+    qps = np.asarray(stats.slot_qps, dtype=np.float64)
+    if len(qps) != len(req):
+        qps = None
+    key = req if qps is None else qps
+    order = np.argsort(-key, kind="stable")[:top]
     return [
         {
             "slot": int(stats.slot_ids[i]),
+            "qps": None if qps is None else round(float(qps[i]), 1),
             "requests": int(req[i]),
             "rows": int(stats.slot_rows[i]),
             "bytes": int(stats.slot_bytes[i]) if len(stats.slot_bytes) else 0,
         }
         for i in order
-        if req[i] > 0
+        if key[i] > 0
     ]

@@ -78,6 +78,10 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no Prometheus endpoint; 0: ephemeral
     dedup_window: int = 8192  # recent push sequence numbers remembered per client
     slot_scan_interval_s: float = 60.0  # how stale per-slot row counts may get
+    # Per-slot request rates (Stats.slot_qps, what `rebalance --by qps` balances) follow
+    # about this many seconds of traffic: long enough to smooth a training step's bursts,
+    # short enough that a load shift shows within a few minutes.
+    slot_rate_window_s: float = 60.0
     shutdown_grace_s: float = 10.0
     # Process start-up (ps/main.py): pin glibc's mmap/trim thresholds (Linux/glibc only;
     # skipped elsewhere). Otherwise glibc mmaps and unmaps every ~400 KB message buffer
@@ -108,6 +112,8 @@ class ServerConfig:
             raise ConfigError("delta_interval_s must be > 0 and delta_keep >= 0")
         if self.delta_serving_shards is not None and self.delta_serving_shards < 1:
             raise ConfigError("delta_serving_shards must be >= 1 (or None)")
+        if not self.slot_rate_window_s > 0:
+            raise ConfigError(f"slot_rate_window_s must be > 0, got {self.slot_rate_window_s}")
 
 
 @dataclass(frozen=True)

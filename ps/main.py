@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serving shards a delta is split into (default: the training shards)",
     )
     p.add_argument(
+        "--slot-rate-window-s",
+        type=float,
+        default=60.0,
+        help="seconds of traffic the per-slot request rates (Stats, rebalance --by qps) follow",
+    )
+    p.add_argument(
         "--mmap-reads",
         action="store_true",
         help="read RocksDB files through mmap: faster cold reads, mapped pages count as RSS",
@@ -106,6 +112,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         delta_interval_s=a.delta_interval_s,
         delta_keep=a.delta_keep,
         delta_serving_shards=a.delta_serving_shards,
+        slot_rate_window_s=a.slot_rate_window_s,
     )
 
 

@@ -56,15 +56,23 @@ class _StateCollector:
             "recps_slot_requests", "Ids requested per owned slot since start", labels=["slot"]
         )
         sbytes = GaugeMetricFamily("recps_slot_bytes", "Bytes per owned slot", labels=["slot"])
-        for slot, r, q, b in zip(
-            s["slot_ids"], s["slot_rows"], s["slot_requests"], s["slot_bytes"]
+        sqps = GaugeMetricFamily(
+            "recps_slot_qps",
+            "Ids requested per second per owned slot (~1 min EWMA)",
+            labels=["slot"],
+        )
+        for slot, r, q, b, qps in zip(
+            s["slot_ids"], s["slot_rows"], s["slot_requests"], s["slot_bytes"], s["slot_qps"]
         ):
-            srows.add_metric([str(slot)], r)
-            sreq.add_metric([str(slot)], q)
-            sbytes.add_metric([str(slot)], b)
+            label = [str(slot)]
+            srows.add_metric(label, r)
+            sreq.add_metric(label, q)
+            sbytes.add_metric(label, b)
+            sqps.add_metric(label, qps)
         yield srows
         yield sreq
         yield sbytes
+        yield sqps
         d = s.get("delta")
         if d is not None:  # the online delta stream to serving (--delta-dir)
             yield GaugeMetricFamily("recps_delta_seq", "Last delta published", value=d["seq"])

@@ -57,11 +57,15 @@ _FORMAT = 1
 @dataclass(frozen=True)
 class SlotStats:
     """Per-slot load of a whole cluster: rows stored, bytes stored, requests (ids looked
-    up + rows pushed) per slot, each an int64 array of ``num_slots`` entries."""
+    up + rows pushed) since each slot's owner started counting, each an int64 array of
+    ``num_slots`` entries; and ``qps``, the recent request rate per slot (float64), which
+    ``--by qps`` balances. Without ``qps`` (shards too old to report it) the counts stand
+    in for it."""
 
     rows: np.ndarray
     bytes: np.ndarray
     requests: np.ndarray
+    qps: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -70,6 +74,11 @@ class SlotStats:
             if a.shape != (n,) or (a < 0).any():
                 raise ConfigError(f"slot stats {name} must be {n} non-negative counts")
             object.__setattr__(self, name, a)
+        if self.qps is not None:
+            q = np.asarray(self.qps, dtype=np.float64)
+            if q.shape != (n,) or not (q >= 0).all():  # also refuses NaN
+                raise ConfigError(f"slot stats qps must be {n} non-negative rates")
+            object.__setattr__(self, "qps", q)
 
     @classmethod
     def uniform(cls, num_slots: int) -> SlotStats:
@@ -80,7 +89,9 @@ class SlotStats:
     def measure(self, by: str) -> np.ndarray:
         if by not in MEASURES:
             raise ConfigError(f"--by must be one of {MEASURES}, got {by!r}")
-        return {"rows": self.rows, "bytes": self.bytes, "qps": self.requests}[by]
+        if by == "qps":
+            return self.requests if self.qps is None else self.qps
+        return {"rows": self.rows, "bytes": self.bytes}[by]
 
 
 @dataclass(frozen=True)

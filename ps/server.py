@@ -57,6 +57,7 @@ from recps.ps.errors import MigrationError, SlotFrozenError, abort
 from recps.ps.metrics import ServerMetrics, rss_bytes
 from recps.ps.migration import decode_slot_rows, encode_slot_rows
 from recps.ps.routing import ShardMap, slot_of, slots_of_tables
+from recps.ps.slot_rates import SlotRates
 
 log = logging.getLogger("recps.ps.server")
 SERVICE = "recps.ps.v1.ParameterServer"
@@ -394,6 +395,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         self._map_lock = threading.Lock()
         self.shard_map = self._load_map()
         self._slot_requests = np.zeros(self.shard_map.num_slots, dtype=np.int64)
+        self._slot_rates = SlotRates(self._slot_requests, config.slot_rate_window_s)
         self._slot_rows = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_bytes = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_rows_at = 0.0
@@ -586,6 +588,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             np.add.at(self._slot_requests, slots, 1)
         else:
             self._slot_requests += np.bincount(slots, minlength=len(self._slot_requests))
+        self._slot_rates.maybe_fold()
         if not self._moving:
             return _NOT_MOVING
         return self._note_moving(tables, ids, slots, write)
@@ -783,6 +786,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             slot_ids=snap["slot_ids"],
             slot_rows=snap["slot_rows"],
             slot_requests=snap["slot_requests"],
+            slot_qps=snap["slot_qps"],
             slot_bytes=snap["slot_bytes"],
             slot_rows_age_s=snap["slot_rows_age_s"],
         )
@@ -816,6 +820,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             "slot_ids": owned.tolist(),
             "slot_rows": self._slot_rows[owned].tolist(),
             "slot_requests": self._slot_requests[owned].tolist(),
+            "slot_qps": self._slot_rates.rates()[owned].tolist(),
             "slot_bytes": self._slot_bytes[owned].tolist(),
             "slot_rows_age_s": time.time() - self._slot_rows_at if self._slot_rows_at else -1.0,
             "delta": self.delta.metrics() if self.delta is not None else None,
@@ -1113,6 +1118,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
             # Request counts restart with the slot's arrival (or departure), so a planner
             # balancing qps sees each slot's traffic at its current owner.
             self._slot_requests[slots] = 0
+            self._slot_rates.restart(slots)
             # Handed over by this shard (it froze them as the source): the old copy goes.
             # Never a target's copy, even one whose new map has not arrived yet.
             gone = slots[~owned & self._frozen[slots]]

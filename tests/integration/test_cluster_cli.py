@@ -148,6 +148,11 @@ def test_up_status_client_down_and_up_again_keeps_the_data(data_dir: Path) -> No
     assert sum(r["rows_in_memory"] for r in rows) == stored  # 16 MiB holds every row
     assert all(r["rows_per_s"] is not None and r["rows_per_s"] >= 0 for r in rows)
     assert all(r["rss_bytes"] > 0 for r in rows)
+    for r in rows:  # hottest first, by recent rate; every slot here saw traffic
+        qps = [h["qps"] for h in r["hot_slots"]]
+        assert len(qps) == 5 and qps == sorted(qps, reverse=True) and qps[-1] > 0, r
+    text = ok(recps("status", "--data-dir", data_dir, "--sample", 0.1)).stdout
+    assert text.count("hot slots:") == 2 and "ids/s" in text, text
 
     r = ok(recps("cluster", "down", "--data-dir", data_dir))
     assert r.stdout.count("stopped") == 2, r.stdout

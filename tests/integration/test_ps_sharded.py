@@ -616,6 +616,10 @@ def test_stats_slots_and_checkpoint(ps_group: ShardGroup, tmp_path: Path) -> Non
             assert list(s.slot_ids) == owned.tolist()
             assert list(s.slot_rows) == stored_slots[owned].tolist()
             assert list(s.slot_requests) == requests[owned].tolist()
+            qps = np.asarray(s.slot_qps)
+            np.testing.assert_array_equal(qps > 0, requests[owned] > 0)
+            # Seconds into a 60 s window, a rate is about the mean since start.
+            assert qps.sum() * s.uptime_s == pytest.approx(requests[owned].sum(), rel=0.25)
             assert [t.table for t in s.tables] == ["st_a", "st_b"]
             for ts in s.tables:
                 totals[ts.table][0] += ts.rows_in_memory
@@ -705,6 +709,7 @@ def test_prometheus_endpoint(cluster: Cluster) -> None:
             "recps_hot_tier_hit_rate",
             "recps_process_rss_bytes",
             "recps_slot_rows",
+            "recps_slot_qps",
         ):
             assert name in m, f"shard {shard.shard_id}: {name} missing"
         read_total += m["recps_rows_read_total"][(("table", "prom"),)]
@@ -716,6 +721,8 @@ def test_prometheus_endpoint(cluster: Cluster) -> None:
         slots = {int(dict(k)["slot"]) for k in m["recps_slot_rows"]}
         all_slots = np.arange(DEFAULT_NUM_SLOTS)
         assert slots == set(all_slots[even_owner(all_slots, 3) == shard.shard_id].tolist())
+        assert {int(dict(k)["slot"]) for k in m["recps_slot_qps"]} == slots
+        assert sum(m["recps_slot_qps"].values()) > 0
     assert read_total == sent
     assert written_total == written
 

@@ -25,7 +25,12 @@ from recps.proto import (
 # (~100), packed on the wire anyway.
 # One score per candidate, and raw dense feature values of one request's candidates (a
 # packed column of at most a few thousand numbers): not embedding rows.
-_SMALL_FLOAT_LISTS = {"ranking": ("PredictResponse.scores", "Column.float_values")}
+# A shard's per-slot request rates: control plane, one number per owned slot (packed,
+# beside the uint64 per-slot counts), asked for by `recps status` and the planner.
+_SMALL_FLOAT_LISTS = {
+    "ranking": ("PredictResponse.scores", "Column.float_values"),
+    "ps": ("StatsResponse.slot_qps",),
+}
 
 # proto file stem -> (messages module, gRPC module, proto package)
 _MODULES = {

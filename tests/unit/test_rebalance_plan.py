@@ -137,6 +137,30 @@ def test_hot_spot_moves_the_hot_slot_first() -> None:
     assert not worst.balanced
 
 
+def test_qps_balances_recent_rates_not_counts_since_start() -> None:
+    owner = np.zeros(64, np.uint16)
+    owner[32:] = 1
+    ones = np.ones(64, np.int64)
+    counts = ones.copy()
+    counts[3] = 5000  # slot 3 was hot once (a count since start remembers it) ...
+    rates = np.ones(64)
+    rates[40] = 40.0  # ... but the heat is on shard 1's slot 40 now
+    m = _map(owner)
+    plan = plan_rebalance(m, SlotStats(ones, ones, counts, rates), [0, 1], by="qps", tolerance=0.1)
+    assert plan.balanced and plan.moves
+    assert all(mv.src == 1 and mv.dst == 0 for mv in plan.moves)
+    np.testing.assert_array_equal(SlotStats(ones, ones, counts).measure("qps"), counts)
+    old = plan_rebalance(m, SlotStats(ones, ones, counts), [0, 1], by="qps", tolerance=0.1)
+    assert all(mv.src == 0 for mv in old.moves)
+
+
+@pytest.mark.parametrize("bad", [np.full(4, -1.0), np.full(4, np.nan), np.ones(3)])
+def test_slot_rates_must_be_non_negative_and_cover_the_slots(bad: np.ndarray) -> None:
+    one = np.ones(4, np.int64)
+    with pytest.raises(ConfigError, match="qps"):
+        SlotStats(one, one, one, bad)
+
+
 def test_empty_cluster_balances_slot_counts() -> None:
     m = ShardMap.even(["a:1"], num_slots=64)
     zero = np.zeros(64, np.int64)

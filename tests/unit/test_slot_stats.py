@@ -179,6 +179,9 @@ def test_stats_report_rows_bytes_and_requests_per_slot(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, rows)
     got[list(resp.slot_ids)] = resp.slot_requests
     np.testing.assert_array_equal(got, reqs)
+    qps = np.zeros(NUM_SLOTS)
+    qps[list(resp.slot_ids)] = resp.slot_qps
+    np.testing.assert_array_equal(qps > 0, reqs > 0)  # rates where, and only where, ids went
     row_bytes = 8 + 4 * 4 + 4 * 4 + 16  # key + emb + adagrad state + updated_at + count
     got[list(resp.slot_ids)] = resp.slot_bytes
     np.testing.assert_array_equal(got, rows * row_bytes)
@@ -263,7 +266,11 @@ def test_move_protocol_in_process(tmp_path: Path) -> None:
     _call(src, "UpdateShardMap", new.to_proto())
     # after the handover the old owner answers "stale", never applies
     assert _error(src, "Push", _push_req(frozen_ids, 5))[1] == "StaleShardMapError"
+    assert src._slot_rates.rates()[moving].min() > 0
     assert _migrate(src, ps_pb2.FINISH, moving).rows > 0
+    # The moved slots' traffic restarts at the owner: the old one forgets its rates.
+    assert not src._slot_rates.rates()[moving].any()
+    assert src._slot_rates.rates()[[s for s in range(NUM_SLOTS) if s not in moving]].all()
     _migrate(dst, ps_pb2.FINISH, moving)
     g = np.ones((len(frozen_ids), 4), np.float32)
     _push(dst, frozen_ids, g, 6)
