@@ -58,14 +58,36 @@ class DurableMark:
     push a table applied, so a retry after a kill -9 is known as a duplicate even when
     the crash came between the rows' write and any other record of it.
 
+    A store that applies one push in several WriteBatches (a batch larger than its hot
+    tier takes at once) writes :meth:`upto` marks with all but the last: the same key,
+    with the last id applied so far (ids go in sorted order). :meth:`applied_upto` reads
+    a mark's value back: None for a complete push, else that id.
+
     Example:
-        >>> DurableMark(b"push/a/1", drop=(b"push/a/0", b"push/a/1")).key
-        b'push/a/1'
+        >>> m = DurableMark(b"push/a/1", drop=(b"push/a/0", b"push/a/1"))
+        >>> m.key, DurableMark.applied_upto(m.value), DurableMark.applied_upto(m.upto(-7).value)
+        (b'push/a/1', None, -7)
     """
 
     key: bytes
     value: bytes = b""
     drop: tuple[bytes, bytes] | None = None
+
+    def upto(self, last_id: int) -> DurableMark:
+        """This push's mark for a part of it: its rows of ids <= ``last_id`` are durable."""
+        return DurableMark(
+            self.key, _UPTO + int(last_id).to_bytes(8, "big", signed=True), self.drop
+        )
+
+    @staticmethod
+    def applied_upto(value: bytes) -> int | None:
+        """The last id a part-written push's mark covers; None for a complete mark."""
+        if len(value) == len(_UPTO) + 8 and value.startswith(_UPTO):
+            return int.from_bytes(value[len(_UPTO) :], "big", signed=True)
+        return None
+
+
+_UPTO = b"\x00upto:"  # a part-written push's mark value: this, then an int64 (big-endian)
 
 
 @dataclass

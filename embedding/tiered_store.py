@@ -383,14 +383,21 @@ class TieredStore(EmbeddingStore):
 
     def _apply(self, uids: np.ndarray, gsum: np.ndarray) -> int:
         if len(uids) > self._chunk:
-            # The push's mark rides with its last chunk's write. (A kill -9 between two
-            # chunks' writes leaves the first applied and unmarked: a batch of more than
-            # half the hot tier is not exactly-once across a crash.)
-            mark, self._mark = self._mark, None
+            # One WriteBatch per chunk, in id order. Each but the last carries the push's
+            # mark "applied up to its last id", so a retry after a kill -9 between two
+            # chunks knows where to resume; the last carries the complete mark.
+            mark = self._mark
             c = self._chunk
-            n = sum(self._chunked(self._apply, uids[:-c], gsum[:-c]))
-            self._mark = mark
-            return n + self._apply(uids[-c:], gsum[-c:])
+            head = len(uids) - c
+            n = 0
+            try:
+                for lo in range(0, head, c):
+                    hi = min(lo + c, head)
+                    self._mark = None if mark is None else mark.upto(int(uids[hi - 1]))
+                    n += self._apply(uids[lo:hi], gsum[lo:hi])
+            finally:
+                self._mark = mark
+            return n + self._apply(uids[head:], gsum[head:])
         hot = self._hot
         slots = hot.find(uids)
         miss = slots < 0

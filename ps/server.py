@@ -158,7 +158,9 @@ class _Dedup:
     it about once in eight kills). So with sync durability each table also records the
     push in the *same* atomic WriteBatch as its rows (a :class:`DurableMark` in the
     table's metadata; each client's last 256-512 seqs are kept), and a restart folds
-    those marks back in (``recover``).
+    those marks back in (``recover``). A table that applies a big push in several
+    batches marks each with the last id it covers (``DurableMark.upto``): a crash between
+    them leaves ``upto`` (seq -> {table: id}), and the retry applies the ids above it.
     """
 
     def __init__(
@@ -179,7 +181,13 @@ class _Dedup:
     def _client(self, client: str) -> dict[str, Any]:
         c = self._clients.get(client)
         if c is None:
-            c = self._clients[client] = {"high": 0, "done": set(), "inflight": {}, "partial": {}}
+            c = self._clients[client] = {
+                "high": 0,
+                "done": set(),
+                "inflight": {},
+                "partial": {},  # seq -> tables applied
+                "upto": {},  # seq -> {table: last id applied} (part-applied before a crash)
+            }
         return c
 
     def begin(self, client: str, seq: int) -> tuple[bool, threading.Event | None]:
@@ -199,19 +207,33 @@ class _Dedup:
             c = self._clients.get(client)
             return frozenset(c["partial"].get(seq, ())) if c else frozenset()
 
-    def recover(self, marks: Iterable[tuple[str, int, str]]) -> int:
-        """Fold in (client, seq, table) marks read back from the tables after a restart:
-        each is a table of that push whose rows are durable. Returns how many were new."""
+    def applied_upto(self, client: str, seq: int) -> dict[str, int]:
+        """Tables of an unfinished push applied only in part before a crash (a push larger
+        than the table's hot tier takes at once): table -> the last id applied (ids in
+        sorted order; the retry applies the ids above it)."""
+        with self._lock:
+            c = self._clients.get(client)
+            return dict(c["upto"].get(seq, {})) if c else {}
+
+    def recover(self, marks: Iterable[tuple[str, int, str, int | None]]) -> int:
+        """Fold in (client, seq, table, upto) marks read back from the tables after a
+        restart: that table's rows of the push are durable, all of them (``upto`` None)
+        or those of ids <= ``upto``. Returns how many were new."""
         n = 0
         with self._lock:
-            for client, seq, table in marks:
+            for client, seq, table, upto in marks:
                 c = self._client(client)
                 if seq in c["done"] or seq <= c["high"] - self.window:
                     continue
                 got = c["partial"].setdefault(seq, set())
-                if table not in got:
+                if table in got:
+                    continue
+                if upto is None:
                     got.add(table)
-                    n += 1
+                    c["upto"].get(seq, {}).pop(table, None)
+                else:
+                    c["upto"].setdefault(seq, {})[table] = upto
+                n += 1
         return n
 
     def mark_table(self, client: str, seq: int, table: str, log: bool = True) -> None:
@@ -233,12 +255,14 @@ class _Dedup:
     def _mark_done(self, c: dict[str, Any], seq: int) -> None:
         c["done"].add(seq)
         c["partial"].pop(seq, None)
+        c["upto"].pop(seq, None)
         if seq > c["high"]:
             c["high"] = seq
             floor = seq - self.window
             if len(c["done"]) > 2 * self.window:
                 c["done"] = {s for s in c["done"] if s > floor}
                 c["partial"] = {s: t for s, t in c["partial"].items() if s > floor}
+                c["upto"] = {s: t for s, t in c["upto"].items() if s > floor}
 
     def was_applied(self, client: str, seq: int) -> bool:
         with self._lock:
@@ -255,6 +279,7 @@ class _Dedup:
                 "high": v["high"],
                 "done": sorted(v["done"]),
                 "partial": {str(s): sorted(t) for s, t in v["partial"].items()},
+                "upto": {str(s): dict(t) for s, t in v["upto"].items()},
             }
             for k, v in self._clients.items()
         }
@@ -273,6 +298,10 @@ class _Dedup:
                     "done": set(v["done"]),
                     "inflight": {},
                     "partial": {int(s): set(t) for s, t in v.get("partial", {}).items()},
+                    "upto": {
+                        int(s): {str(k): int(i) for k, i in t.items()}
+                        for s, t in v.get("upto", {}).items()
+                    },
                 }
 
     # ---- the durable log ---------------------------------------------------------------
@@ -446,9 +475,9 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         replayed = self._dedup.replay_log()
         if sync:  # and the marks each table wrote with its rows (see _Dedup)
             found = [
-                (*parse_push_mark(key), name)
+                (*parse_push_mark(key), name, DurableMark.applied_upto(value))
                 for name, store in self._tables.items()
-                for key, _ in store.marks(_PUSH_MARK)
+                for key, value in store.marks(_PUSH_MARK)
             ]
             new = self._dedup.recover(found)
             if new:
@@ -711,10 +740,12 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     return ps_pb2.PushResponse(applied_rows=0, duplicate=True)
                 inflight.wait()  # the original is running; its outcome decides
                 is_new, inflight = self._dedup.begin(client, seq)
-            # Tables a failed or crashed earlier try of this push already applied.
+            # Tables a failed or crashed earlier try of this push already applied, and
+            # tables it applied in part (the ids up to a point) before a crash.
             done = self._dedup.applied_tables(client, seq)
+            upto = self._dedup.applied_upto(client, seq)
         else:
-            done = frozenset()
+            done, upto = frozenset(), {}
         applied = 0
         ok = False
         last = len(parsed) - 1
@@ -728,6 +759,9 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     for k, (name, store, ids, grads) in enumerate(parsed):
                         if name in done:
                             continue
+                        if name in upto:  # resume after the last id the crash left durable
+                            rest = ids > upto[name]
+                            ids, grads = ids[rest], grads[rest]
                         mark = self._push_mark(name, client, seq) if marks else None
                         applied += store.apply_gradients(ids, grads, mark=mark)
                         if self.delta is not None:

@@ -101,3 +101,39 @@ def test_a_shard_keeps_a_bounded_number_of_marks_per_client(
 def test_a_client_name_with_odd_bytes_round_trips() -> None:
     for client, seq in (("", 0), ("a/b\x00c", 1), ("ünï", 2**40 + 5)):
         assert parse_push_mark(push_mark(client, seq).key) == (client, seq)
+
+
+def test_part_applied_pushes_are_recovered_and_forgotten_once_done(tmp_path: Path) -> None:
+    d = server_module._Dedup(64, snapshot_path=tmp_path / "dedup.json")
+    assert d.recover([("w", 5, "a", 99), ("w", 5, "b", None), ("w", 6, "a", -3)]) == 3
+    assert d.applied_upto("w", 5) == {"a": 99} and d.applied_tables("w", 5) == {"b"}
+    assert d.recover([("w", 6, "a", None)]) == 1  # a complete mark outranks a part
+    assert d.applied_upto("w", 6) == {} and d.applied_tables("w", 6) == {"a"}
+    back = server_module._Dedup(64)
+    back.load(d.to_dict())  # the snapshot keeps the parts
+    assert back.applied_upto("w", 5) == {"a": 99}
+    assert back.begin("w", 5) == (True, None)
+    back.finish("w", 5, applied=True)
+    assert back.applied_upto("w", 5) == {} and back.was_applied("w", 5)
+    assert back.recover([("w", 5, "a", 7)]) == 0  # a done push takes no marks
+
+
+def test_a_store_marks_each_chunk_of_a_big_push_with_how_far_it_got(tmp_path: Path) -> None:
+    store = TieredStore(tmp_path / "t", TABLE, tiered_config(durability="sync"))
+    n = 3 * store._chunk + 5
+    ids = np.arange(n, dtype=np.int64)[::-1].copy()
+    mark = push_mark("w", 1)
+    seen: list[bytes] = []
+    write = store._rocks.write
+
+    def spy(*a: object, meta: dict | None = None, **kw: object) -> None:
+        if meta and mark.key in meta:
+            seen.append(meta[mark.key])
+        write(*a, meta=meta, **kw)
+
+    store._rocks.write = spy  # type: ignore[method-assign]
+    store.apply_gradients(ids, np.ones((n, 4), np.float32), mark=mark)
+    c = store._chunk
+    # Chunks of the sorted ids, the top c last: each write says how far the push got.
+    assert [DurableMark.applied_upto(v) for v in seen] == [c - 1, 2 * c - 1, 2 * c + 4, None]
+    store.close()
