@@ -65,6 +65,23 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
+def _tier_bytes(dim: int, rows: int) -> int:
+    """The HotTier budget that holds exactly ``rows`` rows of ``dim`` (see RowCache)."""
+    row_bytes = 4 * dim + 28  # emb f32 + updated_at + count + row_id + 4 flags
+    index_cells = 1 << max(4, (2 * rows - 1).bit_length())
+    return rows * row_bytes + index_cells * _INDEX_CELL_BYTES
+
+
+def _full_bytes(dim: int, rows: int, tables: int, refresh: bool) -> int:
+    if not rows:
+        return 0
+    rows = max(16, rows)
+    # HotTier's free-slot stack and occupied flag (beyond its budget's row bytes), the
+    # real (table, id) of each slot when tables share it, the refresh flag
+    extra = 9 + (12 if tables > 1 else 0) + (1 if refresh else 0)
+    return _tier_bytes(dim, rows) + rows * extra
+
+
 class RowCache:
     """Bounded cache ``(table, id) -> float32 row`` for ``tables`` tables of one dim.
 
@@ -98,10 +115,7 @@ class RowCache:
         if capacity_rows:
             # HotTier sizes itself from a byte budget (rows + a power-of-two index at load
             # <= 1/2); this budget makes its capacity exactly capacity_rows (>= 16).
-            row_bytes = 4 * dim + 28  # emb f32 + updated_at + count + row_id + 4 flags
-            index_cells = 1 << max(4, (2 * capacity_rows - 1).bit_length())
-            budget = capacity_rows * row_bytes + index_cells * _INDEX_CELL_BYTES
-            self._tier = HotTier(dim, "float32", 0, budget)
+            self._tier = HotTier(dim, "float32", 0, _tier_bytes(dim, capacity_rows))
         self.capacity = self._tier.capacity if self._tier is not None else 0
         # With one table the key is the id itself: exact, nothing to verify.
         self._shared = tables > 1
@@ -119,6 +133,30 @@ class RowCache:
         self._misses = np.zeros(tables, dtype=np.int64)
         self._rows = np.zeros(tables, dtype=np.int64)  # rows held, per table
         self._evictions = 0
+
+    @staticmethod
+    def capacity_for_bytes(dim: int, nbytes: int, tables: int = 1, refresh: bool = False) -> int:
+        """The most rows a cache of ``dim`` can hold in ``nbytes`` when full: rows, index
+        and per-row bookkeeping (0 if not even 16 rows fit). For sizing in bytes.
+
+        Example:
+            >>> n = RowCache.capacity_for_bytes(16, 64 << 20, tables=26)
+            >>> RowCache(16, n, 26).full_bytes <= 64 << 20 < RowCache(16, n + 1, 26).full_bytes
+            True
+        """
+        lo, hi = 0, max(0, nbytes) // (4 * dim) + 1  # hi: fits nothing (rows alone exceed)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _full_bytes(dim, mid, tables, refresh) <= nbytes:
+                lo = mid
+            else:
+                hi = mid
+        return lo if lo >= 16 else 0
+
+    @property
+    def full_bytes(self) -> int:
+        """What this cache takes once every row is in use."""
+        return _full_bytes(self.dim, self.capacity, self.tables, self.refresh_s is not None)
 
     def keys(self, ids: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
         """The index keys of (table, id) pairs: the ids themselves for a one-table cache,
@@ -166,7 +204,8 @@ class RowCache:
         """:meth:`lookup`, plus a mask [n] of the hits older than ``refresh_s`` that no
         earlier call named: the caller should fetch and :meth:`admit` them again soon. A row
         is named once per admission; one whose refresh fails simply expires."""
-        return self._lookup(ids, table, None, False, self.refresh_s is not None)
+        hit, rows, due = self._lookup(ids, table, None, False, self.refresh_s is not None)
+        return hit, rows, np.zeros(len(ids), dtype=bool) if due is None else due
 
     def _lookup(
         self,
@@ -175,14 +214,14 @@ class RowCache:
         keys: np.ndarray | None,
         stale_ok: bool,
         want_due: bool,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(hit, rows, due); due is None when not asked for (or none can be due)."""
         tier = self._tier
         if tier is None or not len(ids):
             if not stale_ok:
                 with self._lock:
                     self._count(self._misses, table, np.ones(len(ids), dtype=bool))
-            none = np.zeros(len(ids), dtype=bool)
-            return none, np.empty((0, self.dim), np.float32), none
+            return np.zeros(len(ids), dtype=bool), np.empty((0, self.dim), np.float32), None
         if keys is None:
             keys = self._keys(ids, table)
         with self._lock:
@@ -206,7 +245,7 @@ class RowCache:
                 tier.touch(found)
                 self._count(self._hits, table, hit)
                 self._count(self._misses, table, ~hit)
-        return hit, rows, np.zeros(len(ids), dtype=bool) if due is None else due
+        return hit, rows, due
 
     def admit(
         self,
@@ -318,5 +357,9 @@ class RowCache:
                 hits=int(np.sum(self._hits[sel])),
                 misses=int(np.sum(self._misses[sel])),
                 evictions=self._evictions,
-                memory_bytes=tier.memory_bytes if tier is not None else 0,
+                memory_bytes=(
+                    tier.memory_bytes + self._ids.nbytes + self._tbl.nbytes + self._queued.nbytes
+                    if tier is not None
+                    else 0
+                ),
             )

@@ -74,6 +74,10 @@ class RankerConfig:
     served and fetched again in the background (one refresh in flight, rows that come
     due meanwhile ride the next), so rows in steady use never expire on a request's path;
     0 turns that off. No row is ever served older than the TTL.
+
+    ``near_cache_bytes`` > 0 sizes the near cache by memory instead of rows: the bytes
+    are shared among the dims in proportion to their tables, and each dim's cache holds
+    as many rows as fit in its share (rows, index and bookkeeping, when full).
     """
 
     model: str
@@ -85,8 +89,11 @@ class RankerConfig:
     near_cache_ttl_s: float = 5.0
     serve_stale: bool = True
     near_cache_refresh_ahead: float = 0.5
+    near_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.near_cache_bytes < 0:
+            raise ConfigError("near_cache_bytes must be >= 0 (0: size by near_cache_rows)")
         if self.max_candidates < 1:
             raise ConfigError("max_candidates must be >= 1")
         if self.threads < 0:
@@ -176,20 +183,21 @@ class Ranker:
         )
         # The near cache: one RowCache per embedding dim, keyed by (table index, id).
         self._near: list[tuple[RowCache, list[int]]] = []
-        if config.near_cache_rows:
+        if config.near_cache_rows or config.near_cache_bytes:
             by_dim: dict[int, list[int]] = {}
             for k, t in enumerate(self._tables):
                 by_dim.setdefault(self._dims[t], []).append(k)
             ahead = config.near_cache_refresh_ahead
             refresh_s = ahead * config.near_cache_ttl_s if ahead else None
+            n_tables = len(self._tables)
             for dim, ks in by_dim.items():
-                cache = RowCache(
-                    dim,
-                    config.near_cache_rows,
-                    len(self._tables),
-                    config.near_cache_ttl_s,
-                    refresh_s=refresh_s,
-                )
+                rows = config.near_cache_rows
+                if config.near_cache_bytes:  # this dim's share of the bytes, by tables
+                    share = config.near_cache_bytes * len(ks) // n_tables
+                    rows = RowCache.capacity_for_bytes(dim, share, n_tables, refresh_s is not None)
+                if not rows:
+                    continue  # a share too small for a cache: those tables always ask
+                cache = RowCache(dim, rows, n_tables, config.near_cache_ttl_s, refresh_s=refresh_s)
                 self._near.append((cache, ks))
         self.stale_rows_served = 0  # rows answered past their TTL while no replica answered
         self._stale_lock = threading.Lock()

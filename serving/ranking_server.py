@@ -74,6 +74,8 @@ class RankingServerConfig:
     # Embedding rows kept in this process in front of the replicas (per embedding dim;
     # 0: off), each served for at most near_cache_ttl_s after it was fetched.
     near_cache_rows: int = 262_144
+    # > 0: size the near cache by memory (all dims together) instead of near_cache_rows.
+    near_cache_bytes: int = 0
     near_cache_ttl_s: float = 5.0
     # A row used after this fraction of its TTL is fetched again in the background.
     near_cache_refresh_ahead: float = 0.5
@@ -95,6 +97,8 @@ class RankingServerConfig:
         if self.watch_interval_s < 0 or self.max_workers < 1:
             raise E.ConfigError("watch_interval_s must be >= 0 and max_workers >= 1")
         check_near_cache(self.near_cache_rows, self.near_cache_ttl_s, self.near_cache_refresh_ahead)
+        if self.near_cache_bytes < 0:
+            raise E.ConfigError("near_cache_bytes must be >= 0 (0: size by near_cache_rows)")
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,14 @@ class RankingService:
         near = Gauge(
             "recps_ranking_near_cache",
             "Near cache of the current model version: hits and misses (ids), rows held, "
+            "rows it can hold (capacity), bytes of the rows held and index (memory_bytes), "
             "expired rows served while no replica answered (stale), rows fetched again "
             "ahead of expiry (refreshed) and failed background refreshes (refresh_failures)",
             ["stat"],
             registry=self.registry,
         )
-        for stat in ("hits", "misses", "rows", "stale", "refreshed", "refresh_failures"):
+        stats = ("hits", "misses", "rows", "capacity", "memory_bytes", "stale", "refreshed")
+        for stat in (*stats, "refresh_failures"):
             near.labels(stat).set_function(lambda stat=stat: self._near_stat(stat))
         self.client = ServingClient(
             config.replicas,
@@ -176,6 +182,7 @@ class RankingService:
                 model=str(vdir),
                 threads=c.threads,
                 near_cache_rows=c.near_cache_rows,
+                near_cache_bytes=c.near_cache_bytes,
                 near_cache_ttl_s=c.near_cache_ttl_s,
                 serve_stale=c.serve_stale,
                 near_cache_refresh_ahead=c.near_cache_refresh_ahead,
@@ -527,6 +534,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="embedding rows cached in this process, per dim (0: every lookup asks a replica)",
     )
     p.add_argument(
+        "--near-cache-mb",
+        type=float,
+        default=0.0,
+        help="size the near cache by memory instead (MiB, all dims together; 0: by rows)",
+    )
+    p.add_argument(
         "--near-cache-ttl-s",
         type=float,
         default=RankingServerConfig.near_cache_ttl_s,
@@ -576,6 +589,7 @@ def config_from_args(a: argparse.Namespace) -> RankingServerConfig:
         watch_interval_s=a.watch_interval_s,
         threads=a.threads,
         near_cache_rows=a.near_cache_rows,
+        near_cache_bytes=int(a.near_cache_mb * (1 << 20)),
         near_cache_ttl_s=a.near_cache_ttl_s,
         serve_stale=a.serve_stale,
         near_cache_refresh_ahead=a.near_cache_refresh_ahead,

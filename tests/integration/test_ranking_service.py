@@ -177,10 +177,12 @@ def served(ps_module_group: ShardGroup, tmp_path_factory: pytest.TempPathFactory
             "0",
             "--watch-interval-s",
             "0",
-            # The near cache on (the default), but rows live 50 ms: repeated requests
+            # The near cache on, sized in memory, but rows live 50 ms: repeated requests
             # still reach the replicas, so failover below is exercised.
             "--near-cache-ttl-s",
             "0.05",
+            "--near-cache-mb",
+            "2",
         ],
         tmp / "ranking.log",
     ).start()
@@ -330,6 +332,8 @@ def test_http_predict_health_metrics_and_bad_input(served: Served) -> None:
     }
     assert near['stat="misses"'] > 0 and near['stat="rows"'] > 0, near
     assert {'stat="refreshed"', 'stat="refresh_failures"'} <= set(near), near
+    assert 0 < near['stat="memory_bytes"'] <= 2 << 20, near  # --near-cache-mb 2
+    assert 10_000 < near['stat="capacity"'] < 262_144, near  # not the rows default
     merged = {
         line.split("{")[1].split("}")[0]: float(line.split()[-1])
         for line in text.splitlines()

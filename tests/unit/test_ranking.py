@@ -229,6 +229,33 @@ def test_without_a_near_cache_every_request_looks_up(tmp_path: Path) -> None:
         RankerConfig(str(tmp_path), near_cache_rows=-1)
 
 
+def test_a_near_cache_sized_in_bytes_shares_them_by_tables(tmp_path: Path) -> None:
+    from recps.serving.cache import RowCache
+
+    make_version(tmp_path, 1)
+    rows = Rows()
+    budget = 1 << 20
+    ranker = Ranker(RankerConfig(str(tmp_path), near_cache_bytes=budget), rows)
+    # tables of dims 3, 3 and 2: two thirds of the bytes to dim 3, a third to dim 2
+    caches = {c.dim: c for c, _ in ranker._near}
+    assert caches[3].capacity == RowCache.capacity_for_bytes(3, budget * 2 // 3, 3, True)
+    assert caches[2].capacity == RowCache.capacity_for_bytes(2, budget // 3, 3, True)
+    assert caches[3].capacity > caches[2].capacity > 1000
+    assert budget * 0.95 < sum(c.full_bytes for c in caches.values()) <= budget
+    ctx, cands = {"user": 1, "I1": 3}, [{"item": 5}, {"item": 6}]
+    ranker.score(ctx, cands)
+    ranker.score(ctx, cands)
+    assert len(rows.calls) == 1
+    st = ranker.near_cache_stats()
+    assert st is not None and st.capacity == sum(c.capacity for c in caches.values())
+    assert 0 < st.memory_bytes <= budget
+    # Too few bytes for even 16 rows: no cache, every request asks.
+    tiny = Ranker(RankerConfig(str(tmp_path), near_cache_bytes=100), rows)
+    assert tiny.near_cache_stats() is None
+    with pytest.raises(E.ConfigError, match="near_cache_bytes"):
+        RankerConfig(str(tmp_path), near_cache_bytes=-1)
+
+
 class Flaky(Rows):
     """Rows that can stop answering, as when every replica is down."""
 

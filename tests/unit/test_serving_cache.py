@@ -255,3 +255,25 @@ def test_refresh_s_must_lie_below_the_ttl() -> None:
         RowCache(2, 16, ttl_s=1.0, refresh_s=1.0)
     with pytest.raises(ConfigError, match="refresh_s"):
         RowCache(2, 16, refresh_s=0.5)  # no TTL: nothing to refresh ahead of
+
+
+@pytest.mark.parametrize("dim, tables, refresh", [(1, 1, False), (16, 26, True), (64, 3, False)])
+def test_capacity_for_bytes_is_the_most_that_fits(dim: int, tables: int, refresh: bool) -> None:
+    for nbytes in (0, 1000, 5000, 1 << 16, 3_000_001, 1 << 24):
+        n = RowCache.capacity_for_bytes(dim, nbytes, tables, refresh)
+        ttl = 5.0 if refresh else None
+        if n == 0:  # not even the smallest cache (16 rows) fits
+            assert (
+                RowCache(dim, 16, tables, ttl, refresh_s=2.0 if refresh else None).full_bytes
+                > nbytes
+            )
+            continue
+        c = RowCache(dim, n, tables, ttl, refresh_s=2.0 if refresh else None)
+        bigger = RowCache(dim, n + 1, tables, ttl, refresh_s=2.0 if refresh else None)
+        assert c.capacity == n and c.full_bytes <= nbytes < bigger.full_bytes
+        # full_bytes is what the arrays take (the index's 16-byte view is not extra)
+        arrays = [
+            a for k, a in vars(c._tier).items() if isinstance(a, np.ndarray) and k != "_cells"
+        ]
+        arrays += [c._ids, c._tbl, c._queued]
+        assert sum(a.nbytes for a in arrays) == c.full_bytes
