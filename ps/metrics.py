@@ -141,6 +141,13 @@ class ServerMetrics:
         self.duplicate_pushes = Counter(
             "recps_duplicate_pushes", "Retried pushes answered without re-applying", registry=r
         )
+        self.slot_deletes = Counter(
+            "recps_slot_row_deletes",
+            "Tables whose rows of moved slots were dropped, by how they were found: the ids "
+            "this process sent (sent) or a scan of the table (scan)",
+            ["how"],
+            registry=r,
+        )
         self._rpcs: dict[str, _RpcMetrics] = {}
         self._http: Any = None
         self.port: int | None = None

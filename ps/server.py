@@ -57,6 +57,7 @@ from recps.ps.errors import MigrationError, SlotFrozenError, abort
 from recps.ps.metrics import ServerMetrics, rss_bytes
 from recps.ps.migration import decode_slot_rows, encode_slot_rows
 from recps.ps.routing import ShardMap, slot_of, slots_of_tables
+from recps.ps.sent_rows import SentRows
 from recps.ps.slot_rates import SlotRates
 
 log = logging.getLogger("recps.ps.server")
@@ -425,6 +426,9 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         self.shard_map = self._load_map()
         self._slot_requests = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_rates = SlotRates(self._slot_requests, config.slot_rate_window_s)
+        # Per table: the rows this process sent as a move's source (FINISH deletes those
+        # instead of scanning the table; see recps.ps.sent_rows).
+        self._sent: dict[str, SentRows] = {}
         self._slot_rows = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_bytes = np.zeros(self.shard_map.num_slots, dtype=np.int64)
         self._slot_rows_at = 0.0
@@ -994,6 +998,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     rows=int(manifest.get("rows", 0)),
                     tables=[c.name for c in configs],
                 )
+            self._sent.clear()  # rows sent before describe the tables no more: scan
             for name in sorted(set(self._tables) - {c.name for c in configs}):
                 # Created after the checkpoint: a rollback removes it.
                 self._tables.pop(name).close()
@@ -1079,19 +1084,38 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
         mask[slots] = True
         return mask
 
+    def _sent_rows(self, table: str) -> SentRows:
+        sent = self._sent.get(table)
+        if sent is None:
+            n = self.shard_map.num_slots
+            sent = self._sent.setdefault(table, SentRows(lambda ids: slot_of(table, ids, n), n))
+        return sent
+
+    def _forget_sent(self, mask: np.ndarray) -> None:
+        for sent in list(self._sent.values()):
+            sent.forget(mask)
+
     def _delete_slot_rows(self, mask: np.ndarray) -> int:
-        """Delete every row of every table in the slots of ``mask``."""
+        """Delete every row of every table in the slots of ``mask``: the rows this process
+        sent for them when it saw their whole move (no scan), else a scan of the table."""
         n = 0
         for name, store in list(self._tables.items()):
             if not store.stats().rows:  # a new shard's tables: nothing to scan
                 continue
-            doomed = [
-                b.ids[mask[slot_of(name, b.ids, len(mask))]]
-                for b in store.items(batch_size=1 << 16)
-            ]
-            ids = np.concatenate(doomed) if doomed else np.empty(0, np.int64)
+            sent = self._sent.get(name)
+            if sent is not None and sent.covers(mask):
+                ids = sent.ids_in(mask)
+                self.metrics.slot_deletes.labels("sent").inc()
+            else:
+                doomed = [
+                    b.ids[mask[slot_of(name, b.ids, len(mask))]]
+                    for b in store.items(batch_size=1 << 16)
+                ]
+                ids = np.concatenate(doomed) if doomed else np.empty(0, np.int64)
+                self.metrics.slot_deletes.labels("scan").inc()
             if len(ids):
                 n += store.delete(ids)
+        self._forget_sent(mask)
         return n
 
     def _forget_rounds(self, move_id: str) -> None:
@@ -1173,6 +1197,7 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     f"move {request.move_id}: shard {sid} no longer owns the slots; it was "
                     "handed over, so it cannot be aborted: re-run apply to finish it"
                 )
+            self._forget_sent(self._slot_mask(slots))  # a re-run copies them afresh
             with self._move_gate.exclusive():
                 self._tracking[slots] = False
                 was_frozen = self._frozen[slots].any()
@@ -1215,7 +1240,10 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                 ids = ids[ids > after]
             done = len(ids) <= limit
             batch = store.export_rows(ids[:limit])
+            self._sent_rows(name).add(batch.ids)
         else:
+            if after is None:
+                self._sent_rows(name).begin(mask)
             start = None if after is None else after + 1
             got = []
             have = 0
@@ -1242,6 +1270,10 @@ class PSServicer(ps_pb2_grpc.ParameterServerServicer):
                     np.empty(0, np.int64),
                 ]
             batch = RowBatch(*cols)
+            sent = self._sent_rows(name)
+            sent.add(batch.ids)
+            if done:
+                sent.complete(mask)
         return ps_pb2.ReadSlotRowsResponse(rows=encode_slot_rows(name, batch), done=done)
 
     @rpc_handler("WriteSlotRows")

@@ -287,6 +287,75 @@ def test_move_protocol_in_process(tmp_path: Path) -> None:
         merged = np.concatenate([getattr(b, f) for b in got])[order]
         np.testing.assert_allclose(merged, getattr(want, f), rtol=1e-6, atol=1e-6, err_msg=f)
     assert src._moving is False and dst._moving is False
+    # The source dropped its old copy by the ids it sent, without a scan of the table.
+    deletes = src.metrics.slot_deletes
+    assert deletes.labels("sent")._value.get() == 1 and deletes.labels("scan")._value.get() == 0
+    assert src._sent["item"].count == 0  # and forgot them
+    src.close()
+    dst.close()
+
+
+def _move_all(src: PSServicer, dst: PSServicer, m: ShardMap, moving: list[int]) -> ShardMap:
+    """BEGIN, full copy, FREEZE, final delta, handover: everything up to FINISH."""
+    _migrate(dst, ps_pb2.BEGIN_TARGET, moving)
+    _migrate(src, ps_pb2.BEGIN_SOURCE, moving)
+    _copy(src, dst, moving, delta=False)
+    _migrate(src, ps_pb2.FREEZE, moving)
+    _copy(src, dst, moving, delta=True)
+    owner = m.slot_owner.copy()
+    owner[moving] = 1
+    new = m.replace(slot_owner=owner)
+    _call(dst, "UpdateShardMap", new.to_proto())
+    _call(src, "UpdateShardMap", new.to_proto())
+    return new
+
+
+def test_a_source_restarted_before_finish_scans_for_the_rows_to_drop(tmp_path: Path) -> None:
+    src, dst, m = _two_shards(tmp_path)
+    ids = np.arange(3000, dtype=np.int64)
+    _push(src, ids, np.ones((len(ids), 4), np.float32), 1)
+    moving = list(range(1, NUM_SLOTS, 2))
+    _move_all(src, dst, m, moving)
+    src.close()  # what it sent is forgotten with the process
+    again = PSServicer(src.config, ServerMetrics(0))
+    in_move = np.isin(slot_of("item", ids, NUM_SLOTS), moving)
+    assert _migrate(again, ps_pb2.FINISH, moving).rows == int(in_move.sum())
+    deletes = again.metrics.slot_deletes
+    assert deletes.labels("scan")._value.get() == 1 and deletes.labels("sent")._value.get() == 0
+    np.testing.assert_array_equal(_rows(again._tables["item"]).ids, ids[~in_move])
+    again.close()
+    dst.close()
+
+
+def test_finish_by_sent_ids_drops_rows_created_during_the_copy(tmp_path: Path) -> None:
+    """Rows that appear in moving slots after the full copy passed them (pushes and
+    lookups that create rows) reach the target in a delta round, so the sent ids cover
+    them; FINISH must leave none behind."""
+    src, dst, m = _two_shards(tmp_path)
+    ids = np.arange(2000, dtype=np.int64)
+    _push(src, ids, np.ones((len(ids), 4), np.float32), 1)
+    moving = list(range(0, NUM_SLOTS, 2))
+    _migrate(dst, ps_pb2.BEGIN_TARGET, moving)
+    _migrate(src, ps_pb2.BEGIN_SOURCE, moving)
+    _copy(src, dst, moving, delta=False)
+    late = np.arange(5000, 5400, dtype=np.int64)
+    _push(src, late[:200], np.ones((200, 4), np.float32), 2)
+    _lookup(src, late[200:])
+    _migrate(src, ps_pb2.FREEZE, moving)
+    _copy(src, dst, moving, delta=True)
+    owner = m.slot_owner.copy()
+    owner[moving] = 1
+    new = m.replace(slot_owner=owner)
+    _call(dst, "UpdateShardMap", new.to_proto())
+    _call(src, "UpdateShardMap", new.to_proto())
+    _migrate(src, ps_pb2.FINISH, moving)
+    assert src.metrics.slot_deletes.labels("sent")._value.get() == 1
+    left = _rows(src._tables["item"]).ids
+    assert not np.isin(slot_of("item", left, NUM_SLOTS), moving).any()
+    every = np.concatenate([ids, late])
+    np.testing.assert_array_equal(
+        left, np.sort(every[~np.isin(slot_of("item", every, NUM_SLOTS), moving)])
+    )
     src.close()
     dst.close()
 
