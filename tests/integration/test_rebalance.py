@@ -27,7 +27,7 @@ from recps.ps.config import ClientConfig
 from recps.ps.coordinator import Coordinator
 from recps.ps.migration import MigrationConfig, Progress, apply_plan
 from recps.ps.rebalance_plan import plan_rebalance
-from recps.ps.routing import ShardMap
+from recps.ps.routing import ShardMap, slot_of
 
 NUM_SLOTS = 256
 TABLES = [
@@ -362,3 +362,27 @@ def test_cli_grow_then_shrink_a_local_cluster(tmp_path: Path, capsys: Any) -> No
         np.testing.assert_array_equal(after, before)
     finally:
         cluster_down(cf)
+
+
+def test_a_plan_by_qps_follows_the_current_hot_spot(ps_group: ShardGroup, tmp_path: Path) -> None:
+    """Live shards report per-slot request rates; a plan by qps moves load off the shard
+    whose slots are hot *now*, while the rows stay balanced (a plan by rows moves nothing)."""
+    cluster, _ = _start(ps_group, "async")
+    m = cluster.shard_map
+    ids = np.arange(20_000, dtype=np.int64)
+    slots = slot_of("user", ids, NUM_SLOTS)
+    hot_slots = np.flatnonzero(m.slot_owner == 0)[:4]
+    hot = ids[np.isin(slots, hot_slots)]  # every stored id of four of shard 0's slots
+    with cluster.client() as c:
+        c.create_table(TABLES[0])
+        c.push({"user": (ids, np.ones((len(ids), 8), np.float32))})
+        for _ in range(60):  # a hot spot on shard 0
+            c.lookup({"user": hot})
+        stats = c.slot_stats()
+        assert stats.qps is not None
+        cold = np.setdiff1d(np.arange(NUM_SLOTS), hot_slots)
+        assert stats.qps[hot_slots].min() > 10 * stats.qps[cold].max() >= 0
+        assert plan_rebalance(m, stats, [0, 1], by="rows", tolerance=0.1).moves == ()
+        plan = plan_rebalance(m, stats, [0, 1], by="qps", tolerance=0.1)
+        assert plan.moves and all(mv.src == 0 and mv.dst == 1 for mv in plan.moves)
+        assert plan.load_after[0] < plan.load_before[0]
