@@ -73,8 +73,9 @@ class HotTier:
     def __init__(self, dim: int, emb_dtype: str, state_width: int, budget_bytes: int) -> None:
         self.dim, self.state_width = dim, state_width
         emb_itemsize = np.dtype(emb_dtype).itemsize
-        # emb + state + updated_at + count + row_id + ref/dirty/on_disk/pinned flags
-        self.row_bytes = dim * emb_itemsize + 4 * state_width + 8 + 8 + 8 + 4
+        # emb + state + updated_at + count + row_id + the free-slot stack (int64 each) +
+        # ref/dirty/on_disk/pinned/occupied flags: every per-row array below
+        self.row_bytes = dim * emb_itemsize + 4 * state_width + 8 + 8 + 8 + 8 + 5
         cap = max(16, budget_bytes // (self.row_bytes + 2 * _INDEX_BYTES))
         icap = _next_pow2(2 * cap)  # load factor <= 0.5 keeps probe chains short
         while cap * self.row_bytes + icap * _INDEX_BYTES > budget_bytes and cap > 16:

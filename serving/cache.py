@@ -67,7 +67,7 @@ class CacheStats:
 
 def _tier_bytes(dim: int, rows: int) -> int:
     """The HotTier budget that holds exactly ``rows`` rows of ``dim`` (see RowCache)."""
-    row_bytes = 4 * dim + 28  # emb f32 + updated_at + count + row_id + 4 flags
+    row_bytes = 4 * dim + 37  # HotTier.row_bytes with no optimizer state
     index_cells = 1 << max(4, (2 * rows - 1).bit_length())
     return rows * row_bytes + index_cells * _INDEX_CELL_BYTES
 
@@ -76,9 +76,8 @@ def _full_bytes(dim: int, rows: int, tables: int, refresh: bool) -> int:
     if not rows:
         return 0
     rows = max(16, rows)
-    # HotTier's free-slot stack and occupied flag (beyond its budget's row bytes), the
-    # real (table, id) of each slot when tables share it, the refresh flag
-    extra = 9 + (12 if tables > 1 else 0) + (1 if refresh else 0)
+    # the real (table, id) of each slot when tables share it, the refresh flag
+    extra = (12 if tables > 1 else 0) + (1 if refresh else 0)
     return _tier_bytes(dim, rows) + rows * extra
 
 
