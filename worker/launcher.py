@@ -269,7 +269,8 @@ def run_job(
         _result_file(job).unlink(missing_ok=True)  # never report an earlier run's result
         t_fit = time.perf_counter()
         try:
-            fit = trainer.fit()
+            with ps.watching(interval_s=1.0):  # a restarted shard's new pid/port published
+                fit = trainer.fit()
         except Exception as e:  # Ray Train's TrainingFailedError and friends
             raise JobFailedError(f"training failed: {type(e).__name__}: {e}") from e
         fit_s = time.perf_counter() - t_fit

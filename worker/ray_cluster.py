@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -598,6 +599,42 @@ class RayPSCluster:
         for path in self._cluster_files:
             self._write_cluster_file(path)
         return new
+
+    @contextlib.contextmanager
+    def watching(self, interval_s: float = 2.0) -> Iterator[None]:
+        """While inside, a thread asks every shard actor for its process every
+        ``interval_s`` and calls :meth:`refresh` when one was restarted (Ray restarts a
+        shard that died): its new pid reaches the cluster files (`recps status` would
+        show it down), and a shard that came back on another port gets a re-issued map,
+        which the clients follow through those files.
+
+        Example:
+            >>> with ps.watching():  # doctest: +SKIP
+            ...     trainer.fit()
+        """
+        stop = threading.Event()
+
+        def watch() -> None:
+            seen = self.pids
+            while not stop.wait(interval_s):
+                try:
+                    self.wait_ready(timeout_s=max(10 * interval_s, 10.0))
+                    if self.pids != seen:
+                        log.warning("a PS shard was restarted; refreshing the shard map")
+                        self.refresh()
+                        seen = self.pids
+                except E.RecpsError as e:  # a shard still restarting: ask again next tick
+                    log.info("shard watch: %s", e)
+                except Exception:  # never let the watch die of a surprise
+                    log.warning("shard watch failed; trying again", exc_info=True)
+
+        t = threading.Thread(target=watch, name="recps-shard-watch", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join(timeout=30 * interval_s + 30)
 
     def stats(self, timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
         """Each shard's :meth:`PSShard.stats`, asked through Ray (not gRPC)."""

@@ -3,7 +3,8 @@
 One job runs end to end and is checked for quality, checkpoints and leftovers; a second
 loses a worker to SIGKILL after its first checkpoint and must finish through Ray Train's
 restart, resuming from that checkpoint; a third grows by a shard (`recps shard add
---rebalance`, a second driver on the job's Ray) while it trains. They are small so the
+--rebalance`, a second driver on the job's Ray) while it trains; a fourth loses a PS
+shard to SIGKILL and trains on through Ray's restart of it. They are small so the
 suite stays quick on 2 cores (the third runs ~50 s: the add must end well inside training).
 """
 
@@ -198,3 +199,43 @@ def test_a_shard_added_while_the_job_trains_takes_slots_and_is_checkpointed(
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in pids if pid_alive(p)], "shards left running after the job"
+
+
+def test_a_shard_killed_while_the_job_trains_is_restarted_and_training_finishes(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of a PS shard process mid-training: Ray restarts its actor on the same data
+    directory and port, the workers' calls retry until it answers, and the job finishes
+    with the same quality (rows it had not yet written back are lost: async durability)."""
+    data_dir = tmp_path / "job"
+    cfg = job_dict(data_dir, checkpoint_every_steps=5)
+    cfg["data"]["synth"]["rows"] = 60_000  # ~53 steps: the restart lands well inside
+    job = load_job_config(cfg)
+    killed: dict[str, Any] = {}
+
+    def kill_shard(ckpts: list[str]) -> None:
+        try:
+            pid = shard_pids(data_dir)[1]
+            os.kill(pid, 9)
+            t0 = time.monotonic()
+            killed.update(pid=pid, at=ckpts)
+            # The job's shard watch publishes the restarted process in the cluster file.
+            while time.monotonic() - t0 < 60:
+                new = shard_pids(data_dir)[1]
+                if new != pid:
+                    killed.update(new_pid=new, published_after_s=time.monotonic() - t0)
+                    return
+                time.sleep(0.05)
+        except Exception as e:  # reported by the assertion below
+            killed["error"] = repr(e)
+
+    t = _on_first_checkpoint(data_dir, kill_shard)
+    result = run_job(job, progress=False)
+    ended = time.monotonic()
+    t.join(timeout=60)
+    assert "new_pid" in killed, killed  # published while the job ran
+    assert not pid_alive(killed["pid"])
+    # the kill came at step ~5 of ~53, and no worker had to restart for it
+    assert result.steps >= 50 and result.restarts == 0, result
+    assert 0.6 < result.eval["auc"] <= 1.0, result.eval
+    assert ended > 0 and shard_pids(data_dir)[1] == killed["new_pid"]
