@@ -132,6 +132,33 @@ def _unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return s[first], inverse
 
 
+def _one_request_per_address(
+    routed: dict[int, list[_Part]], addresses: Mapping[int, str]
+) -> dict[int, list[_Part]]:
+    """Merge the parts of shards served at one address (a serving replica holding several
+    shards of a model) into one request, under the first of those shards: one RPC, so
+    the replica answers all of it from one model version, never straddling a swap. A
+    table split over those shards becomes one part. Shards at distinct addresses (every
+    training cluster) come back as they were."""
+    if len(routed) < 2 or len({addresses.get(sh) for sh in routed}) == len(routed):
+        return routed
+    by_addr: dict[str, int] = {}
+    merged: dict[int, list[_Part]] = {}
+    for sh in sorted(routed):
+        lead = by_addr.setdefault(addresses.get(sh, f"shard {sh}"), sh)
+        merged.setdefault(lead, []).extend(routed[sh])
+    out: dict[int, list[_Part]] = {}
+    for lead, parts in merged.items():
+        by_table: dict[str, list[_Part]] = {}
+        for p in parts:
+            by_table.setdefault(p.table, []).append(p)
+        out[lead] = [
+            ps[0] if len(ps) == 1 else _Part(t, np.concatenate([q.idx for q in ps]))  # type: ignore[misc]
+            for t, ps in by_table.items()
+        ]
+    return out
+
+
 @dataclass
 class _Part:
     """What one shard gets for one table: positions into the table's unique ids, or
@@ -326,6 +353,7 @@ class PSClient:
         while True:
             routed = self._route(uniq, pending) if pending else {}
             m = self._map
+            routed = _one_request_per_address(routed, m.shards)
             sends = [(sh, parts, m.epoch, "") for sh, parts in routed.items()] + sticky
             sticky = []
             if not sends:

@@ -1191,9 +1191,10 @@ class ServingReplica:
     def shard_map(self, address: str) -> ShardMap:
         """The current version's serving shard map (the model's slot owners and epoch)
         naming ``address`` for the shards this replica holds; other shards keep the
-        model's entries. (A client that sends one RPC per shard, as ``PSClient`` does,
-        gets each RPC answered by one version; two RPCs of one request may straddle a
-        swap. ``ServingClient`` routes by this map plus each replica's Status.)"""
+        model's entries. (Each RPC is answered by one version. ``PSClient`` sends the
+        shards at one address one RPC, so a request to a replica holding them all never
+        straddles a swap; one spread over several replicas may. ``ServingClient`` routes
+        by this map plus each replica's Status.)"""
         with self.use() as v:
             m = v.shard_map
             shards = {k: (address if k in v.held else a) for k, a in m.shards.items()}

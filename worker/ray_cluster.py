@@ -615,14 +615,12 @@ class RayPSCluster:
         stop = threading.Event()
 
         def watch() -> None:
-            seen = self.pids
             while not stop.wait(interval_s):
                 try:
-                    self.wait_ready(timeout_s=max(10 * interval_s, 10.0))
-                    if self.pids != seen:
-                        log.warning("a PS shard was restarted; refreshing the shard map")
+                    moved = self._poll_restarts(interval_s)
+                    if moved:  # a new address: re-issue the map (waits for every shard)
+                        log.warning("PS shards %s came back on new addresses", moved)
                         self.refresh()
-                        seen = self.pids
                 except E.RecpsError as e:  # a shard still restarting: ask again next tick
                     log.info("shard watch: %s", e)
                 except Exception:  # never let the watch die of a surprise
@@ -635,6 +633,35 @@ class RayPSCluster:
         finally:
             stop.set()
             t.join(timeout=30 * interval_s + 30)
+
+    def _poll_restarts(self, timeout_s: float) -> list[int]:
+        """Ask every shard actor in the map for its process, without waiting on one that
+        is still restarting; a new pid is written to the cluster files at once. Returns
+        the shard ids now serving on another address than the map's."""
+        in_map = self._newest_map().shards
+        ks = [k for k, i in enumerate(self.infos) if int(i["shard_id"]) in in_map]
+        refs = {k: self.actors[k].ready.remote() for k in ks}
+        done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        answered = set(done)
+        changed, moved = False, []
+        for k, ref in refs.items():
+            if ref not in answered:
+                continue
+            try:
+                info = ray.get(ref)
+            except RayActorError:
+                continue  # died again since: the next tick sees its successor
+            if info["pid"] != self.infos[k]["pid"]:
+                log.warning("PS shard %s restarted (pid %s)", info["shard_id"], info["pid"])
+                self.infos[k] = info
+                self._known_pids[int(info["pid"])] = info["node_ip"]
+                changed = True
+                if info["address"] != in_map[int(info["shard_id"])]:
+                    moved.append(int(info["shard_id"]))
+        if changed:
+            for path in self._cluster_files:
+                self._write_cluster_file(path)
+        return moved
 
     def stats(self, timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
         """Each shard's :meth:`PSShard.stats`, asked through Ray (not gRPC)."""

@@ -537,8 +537,9 @@ def test_hot_swap_under_load_then_rollback(
     tmp_path: Path, spawn: Any, ids: dict[str, np.ndarray]
 ) -> None:
     root = tmp_path / "model"
-    # One serving shard: PSClient sends one RPC per shard, and one RPC is answered by one
-    # version, so every answer must be wholly v1 or wholly v2 (across both tables).
+    # PSClient sends one RPC per replica address, and one RPC is answered by one version,
+    # so every answer must be wholly v1 or wholly v2 (across both tables), with one
+    # serving shard here and two in the watch test below.
     make_version(root, 1, _swap_tables(ids, 1), num_shards=1)
     replica = spawn(root, "r")
     query = {"a": ids["f32"][:300], "b": ids["f16"][:200]}

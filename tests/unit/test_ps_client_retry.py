@@ -183,3 +183,47 @@ def test_one_shard_lookup_is_one_blocking_call_without_routing() -> None:
     np.testing.assert_array_equal(np.frombuffer(s0.calls["Lookup"][-1].tables[0].ids, "<i8"), ids)
     np.testing.assert_array_equal(got, rows)
     got[0, 0] = -1
+
+
+class _Replica:
+    """A fake full serving replica: answers every id it is sent with rows [id, -id]."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.Lookup = _Method([], [])  # blocking and future calls, answered by _answer
+        self.Lookup._next = self._answer  # type: ignore[method-assign]
+
+    def _answer(self, request: Any) -> Any:
+        self.requests.append(request)
+        resp = ps_pb2.LookupResponse()
+        for t in request.tables:
+            ids = np.frombuffer(t.ids, "<i8").astype(np.float32)
+            rows = np.stack([ids, -ids], axis=1)
+            resp.tables.add(table=t.table, rows=rows.tobytes(), dim=2, dtype=ps_pb2.FLOAT32)
+        return resp
+
+
+def test_shards_at_one_address_get_one_request() -> None:
+    """A replica holding both shards of a model: one RPC carries every id, so one model
+    version answers all of it (two RPCs could straddle a hot swap)."""
+    m = ShardMap.even(["replica:1", "replica:1"], num_slots=16)
+    client = PSClient(m, ClientConfig())
+    replica = _Replica()
+    client._stub = lambda addr: replica  # type: ignore[method-assign]
+    ids = np.arange(-50, 50, dtype=np.int64)
+    owners = m.owners("t", ids)
+    assert len(set(owners.tolist())) == 2  # the ids span both shards
+    got = client.lookup({"t": ids, "u": ids[:7]})
+    assert len(replica.requests) == 1
+    (req,) = replica.requests
+    assert sorted(t.table for t in req.tables) == ["t", "u"]  # one entry a table
+    sent = np.frombuffer(next(t.ids for t in req.tables if t.table == "t"), "<i8")
+    assert sorted(sent.tolist()) == ids.tolist()
+    np.testing.assert_array_equal(got["t"], np.stack([ids, -ids], axis=1).astype(np.float32))
+    np.testing.assert_array_equal(got["u"][:, 0], ids[:7].astype(np.float32))
+    # Distinct addresses (a training cluster): one request per shard, as before.
+    two = PSClient(ShardMap.even(["a:1", "b:1"], num_slots=16), ClientConfig())
+    replicas = {"a:1": _Replica(), "b:1": _Replica()}
+    two._stub = lambda addr: replicas[addr]  # type: ignore[method-assign]
+    np.testing.assert_array_equal(two.lookup({"t": ids})["t"][:, 1], -ids.astype(np.float32))
+    assert [len(r.requests) for r in replicas.values()] == [1, 1]
