@@ -295,11 +295,15 @@ def test_move_protocol_in_process(tmp_path: Path) -> None:
     dst.close()
 
 
-def _move_all(src: PSServicer, dst: PSServicer, m: ShardMap, moving: list[int]) -> ShardMap:
-    """BEGIN, full copy, FREEZE, final delta, handover: everything up to FINISH."""
+def _move_all(
+    src: PSServicer, dst: PSServicer, m: ShardMap, moving: list[int], after_copy: Any = None
+) -> ShardMap:
+    """BEGIN, full copy, ``after_copy()``, FREEZE, final delta, handover: up to FINISH."""
     _migrate(dst, ps_pb2.BEGIN_TARGET, moving)
     _migrate(src, ps_pb2.BEGIN_SOURCE, moving)
     _copy(src, dst, moving, delta=False)
+    if after_copy is not None:
+        after_copy()
     _migrate(src, ps_pb2.FREEZE, moving)
     _copy(src, dst, moving, delta=True)
     owner = m.slot_owner.copy()
@@ -335,19 +339,13 @@ def test_finish_by_sent_ids_drops_rows_created_during_the_copy(tmp_path: Path) -
     ids = np.arange(2000, dtype=np.int64)
     _push(src, ids, np.ones((len(ids), 4), np.float32), 1)
     moving = list(range(0, NUM_SLOTS, 2))
-    _migrate(dst, ps_pb2.BEGIN_TARGET, moving)
-    _migrate(src, ps_pb2.BEGIN_SOURCE, moving)
-    _copy(src, dst, moving, delta=False)
     late = np.arange(5000, 5400, dtype=np.int64)
-    _push(src, late[:200], np.ones((200, 4), np.float32), 2)
-    _lookup(src, late[200:])
-    _migrate(src, ps_pb2.FREEZE, moving)
-    _copy(src, dst, moving, delta=True)
-    owner = m.slot_owner.copy()
-    owner[moving] = 1
-    new = m.replace(slot_owner=owner)
-    _call(dst, "UpdateShardMap", new.to_proto())
-    _call(src, "UpdateShardMap", new.to_proto())
+
+    def write_during_the_move() -> None:
+        _push(src, late[:200], np.ones((200, 4), np.float32), 2)
+        _lookup(src, late[200:])
+
+    _move_all(src, dst, m, moving, after_copy=write_during_the_move)
     _migrate(src, ps_pb2.FINISH, moving)
     assert src.metrics.slot_deletes.labels("sent")._value.get() == 1
     left = _rows(src._tables["item"]).ids
