@@ -42,16 +42,18 @@ class TableIds(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("shard_map_epoch", "tables", "create_missing", "want_dtype")
+    __slots__ = ("shard_map_epoch", "tables", "create_missing", "want_dtype", "model_version")
     SHARD_MAP_EPOCH_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     CREATE_MISSING_FIELD_NUMBER: _ClassVar[int]
     WANT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     shard_map_epoch: int
     tables: _containers.RepeatedCompositeFieldContainer[TableIds]
     create_missing: bool
     want_dtype: DType
-    def __init__(self, shard_map_epoch: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., create_missing: _Optional[bool] = ..., want_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, shard_map_epoch: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., create_missing: _Optional[bool] = ..., want_dtype: _Optional[_Union[DType, str]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class TableRows(_message.Message):
     __slots__ = ("table", "rows", "dim", "dtype")

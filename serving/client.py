@@ -50,7 +50,7 @@ from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
 from recps.ps.errors import from_rpc_error, register_error_classes
 from recps.ps.routing import ShardMap, slot_of
 from recps.serving.coalesce import Coalescer
-from recps.serving.errors import wire_error_classes
+from recps.serving.errors import VersionNotHeldError, wire_error_classes
 
 register_error_classes(*wire_error_classes())  # a replica's errors come back typed
 
@@ -129,18 +129,11 @@ class ServingClient:
         self._map: ShardMap | None = None
         self._all_shards: frozenset[int] = frozenset()
         inflight = self.config.coalesce_inflight
-        if inflight is None:
-            inflight = len(self._replicas)
-        self._coalescer: Coalescer[dict[str, np.ndarray], dict[str, np.ndarray]] | None = (
-            Coalescer(
-                self._lookup_many,
-                max_inflight=inflight,
-                max_size=self.config.coalesce_max_ids,
-                size=_id_count,
-            )
-            if inflight
-            else None
-        )
+        self._inflight = len(self._replicas) if inflight is None else inflight
+        # One coalescer per model version asked for (0: whatever the replicas serve):
+        # calls pinned to different versions never share an RPC.
+        self._coalescers: dict[int, Coalescer[dict[str, np.ndarray], dict[str, np.ndarray]]]
+        self._coalescers = {}
         self.refresh()
 
     # ---- discovery -----------------------------------------------------------------------
@@ -215,42 +208,59 @@ class ServingClient:
         )  # least in flight, ties rotate
 
     def lookup(
-        self, batch: Mapping[str, np.ndarray], coalesce: bool = True
+        self, batch: Mapping[str, np.ndarray], coalesce: bool = True, version: int | None = None
     ) -> dict[str, np.ndarray]:
         """``{table: ids}`` -> ``{table: float32 [n, dim]}``; ids need not be unique.
 
         Missing ids come back as the table's default vector (the replica decides).
         Calls made at the same time from several threads may share one RPC, unless
         ``coalesce`` is False (background work that requests should not queue behind).
+        ``version`` pins the model version (a ranking service's tower's): replicas answer
+        from it if they serve it or keep it for rollback; when none does,
+        :class:`~recps.serving.errors.VersionNotHeldError`.
         """
         ids = {t: _as_ids(v) for t, v in batch.items()}
-        if self._coalescer is None or not coalesce:
-            return self._lookup_one(ids)
-        return self._coalescer(ids)
+        if not self._inflight or not coalesce:
+            return self._lookup_one(ids, version)
+        key = int(version or 0)
+        c = self._coalescers.get(key)
+        if c is None:
+            with self._lock:
+                c = self._coalescers.get(key)
+                if c is None:
+                    c = self._coalescers[key] = Coalescer(
+                        lambda batches: self._lookup_many(batches, key or None),
+                        max_inflight=self._inflight,
+                        max_size=self.config.coalesce_max_ids,
+                        size=_id_count,
+                    )
+        return c(ids)
 
     def coalesce_stats(self) -> dict[str, int]:
         """How many merged lookups ran, and how many lookup() calls they carried."""
-        c = self._coalescer
-        return {"batches": c.batches, "calls": c.calls} if c else {"batches": 0, "calls": 0}
+        cs = list(self._coalescers.values())
+        return {"batches": sum(c.batches for c in cs), "calls": sum(c.calls for c in cs)}
 
-    def _lookup_many(self, batches: list[dict[str, np.ndarray]]) -> list[Any]:
+    def _lookup_many(
+        self, batches: list[dict[str, np.ndarray]], version: int | None = None
+    ) -> list[Any]:
         """The lookups of several callers as one: ids concatenated per table, looked up
         once, rows split back. A request-content error (unknown table, bad ids, a merged
         request or response too big for the replica) is re-asked one caller at a time, so
         it reaches only the caller that causes it, if any."""
         if len(batches) == 1:
-            return [self._lookup_one(batches[0])]
+            return [self._lookup_one(batches[0], version)]
         merged: dict[str, list[np.ndarray]] = {}
         for b in batches:
             for t, v in b.items():
                 merged.setdefault(t, []).append(v)
         try:
-            rows = self._lookup_one({t: np.concatenate(vs) for t, vs in merged.items()})
+            rows = self._lookup_one({t: np.concatenate(vs) for t, vs in merged.items()}, version)
         except (E.InvalidArgumentError, E.UnknownTableError, E.CapacityError):
             out: list[Any] = []
             for b in batches:
                 try:
-                    out.append(self._lookup_one(b))
+                    out.append(self._lookup_one(b, version))
                 except E.RecpsError as e:
                     out.append(e)
             return out
@@ -264,7 +274,9 @@ class ServingClient:
             out.append(mine)
         return out
 
-    def _lookup_one(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _lookup_one(
+        self, batch: Mapping[str, np.ndarray], version: int | None = None
+    ) -> dict[str, np.ndarray]:
         assert self._map is not None
         uniq, expand = dedup_tables(batch)
         tried_full: set[str] = set()
@@ -279,7 +291,7 @@ class ServingClient:
             if r is None:
                 break
             try:
-                got = self._call(r, None, uniq, None)
+                got = self._call(r, None, uniq, None, version)
             except _Failover as e:
                 last_error = e.error
                 tried_full.add(r.address)
@@ -308,10 +320,10 @@ class ServingClient:
             calls = list(plan.values())
             if len(calls) == 1:  # the common case: no hop through the pool
                 r, shards = calls[0]
-                futures = [(r, shards, _Done(self._call, r, shards, uniq, shard_of))]
+                futures = [(r, shards, _Done(self._call, r, shards, uniq, shard_of, version))]
             else:
                 futures = [
-                    (r, shards, self._pool.submit(self._call, r, shards, uniq, shard_of))
+                    (r, shards, self._pool.submit(self._call, r, shards, uniq, shard_of, version))
                     for r, shards in calls
                 ]
             failed: list[int] = []
@@ -332,6 +344,8 @@ class ServingClient:
                     out[idx] = part
             pending = failed
         if pending:
+            if isinstance(last_error, VersionNotHeldError):  # up, but none holds it
+                raise last_error
             raise E.ShardUnavailableError(
                 f"no replica could answer serving shards {pending}: {last_error}"
             )
@@ -345,12 +359,14 @@ class ServingClient:
         shards: list[int] | None,
         uniq: Mapping[str, np.ndarray],
         shard_of: Mapping[str, np.ndarray] | None,
+        version: int | None = None,
     ) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
         """One Lookup to ``r``: the ids of ``shards`` (None: every id; ``r`` holds all)."""
         req = ps_pb2.LookupRequest(
             shard_map_epoch=0,  # replicas route by their model's map, not a training epoch
             create_missing=False,
             want_dtype=wire.STORAGE_TO_WIRE[self.config.dtype],
+            model_version=version or 0,
         )
         picks: dict[str, np.ndarray | None] = {}
         if shards is None:
@@ -371,6 +387,9 @@ class ServingClient:
             err = from_rpc_error(e, r.address)  # a message too big: CapacityError
             if e.code() in _FAILOVER_CODES and not isinstance(err, E.CapacityError):
                 self._mark(r, down=True)
+                raise _Failover(err) from None
+            if isinstance(err, VersionNotHeldError):  # another replica may hold it
+                self._mark(r, down=False)
                 raise _Failover(err) from None
             self._mark(r, down=False)  # it answered: a request too big is not its failure
             raise err from None

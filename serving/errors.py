@@ -62,6 +62,21 @@ class NoModelVersionError(RecpsError):
         )
 
 
+class VersionNotHeldError(RecpsError):
+    """A lookup pinned to a model version this replica neither serves nor keeps for
+    rollback (it has not loaded it yet, or has moved two versions on)."""
+
+    status = "FAILED_PRECONDITION"
+
+    def __init__(self, version: int, held: Sequence[int]) -> None:
+        self.version = int(version)
+        self.held = sorted(int(v) for v in held)
+        super().__init__(
+            f"model version {self.version} is not held here (held: {self.held or 'none'}); "
+            "ask a replica that serves it, or look up without a version"
+        )
+
+
 class NoPreviousVersionError(RecpsError):
     """Rollback with no previous version kept."""
 
@@ -90,6 +105,7 @@ def wire_error_classes() -> tuple[type[RecpsError], ...]:
         ShardNotHeldError,
         ReadOnlyReplicaError,
         NoModelVersionError,
+        VersionNotHeldError,
         NoPreviousVersionError,
         ModelLoadError,
         mf.ModelFormatError,

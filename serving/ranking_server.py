@@ -24,7 +24,6 @@ Example (in process; ``python -m recps.serving.ranking_server`` runs it as a ser
 from __future__ import annotations
 
 import argparse
-import functools
 import hmac
 import json
 import logging
@@ -50,6 +49,7 @@ from recps.ps.config import TlsConfig, cpu_rpc_workers
 from recps.ps.errors import abort, code_of
 from recps.ps.server import AuthInterceptor, add_port
 from recps.serving.client import ServingClient, ServingClientConfig
+from recps.serving.errors import VersionNotHeldError
 from recps.serving.model_format import latest_version, version_dir
 from recps.serving.ranking import Ranker, RankerConfig, check_near_cache, resolve_version_dir
 
@@ -57,6 +57,25 @@ log = logging.getLogger("recps.serving.ranking")
 
 SERVICE = "recps.serving.v1.Ranking"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class _PinnedLookup:
+    """``ServingClient.lookup`` pinned to the tower's model version, so the rows and the
+    tower of a request come from one export. Replicas keep the version they swapped out,
+    so during a rollout (replicas first) the pin holds; when no replica holds the
+    version (a ranking service ahead of its replicas, or two versions behind) the rows
+    they serve are used, as without a pin, and ``unpinned`` counts it."""
+
+    def __init__(self, client: ServingClient, unpinned: Any, coalesce: bool = True) -> None:
+        self.client, self.unpinned, self.coalesce = client, unpinned, coalesce
+        self.version: int | None = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        try:
+            return self.client.lookup(batch, coalesce=self.coalesce, version=self.version)
+        except VersionNotHeldError:
+            self.unpinned.inc()
+            return self.client.lookup(batch, coalesce=self.coalesce)
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,12 @@ class RankingService:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.unpinned = Counter(
+            "recps_ranking_unpinned_lookups",
+            "Lookups no replica could answer from the tower's own model version (none serves "
+            "it or keeps it for rollback), answered from the version they serve instead",
+            registry=self.registry,
+        )
         self.errors = Counter(
             "recps_predict_errors_total", "Failed Predicts", ["code"], registry=self.registry
         )
@@ -187,9 +212,10 @@ class RankingService:
                 serve_stale=c.serve_stale,
                 near_cache_refresh_ahead=c.near_cache_refresh_ahead,
             ),
-            self.client.lookup,
-            refresh_lookup=functools.partial(self.client.lookup, coalesce=False),
+            pinned := _PinnedLookup(self.client, self.unpinned),
+            refresh_lookup=(refresh := _PinnedLookup(self.client, self.unpinned, coalesce=False)),
         )
+        pinned.version = refresh.version = ranker.version  # before it serves a request
         self.version_gauge.set(ranker.version)
         log.info("ranking with model version %d from %s", ranker.version, vdir)
         return ranker

@@ -80,6 +80,7 @@ from recps.serving.errors import (
     NoModelVersionError,
     NoPreviousVersionError,
     ShardNotHeldError,
+    VersionNotHeldError,
 )
 
 log = logging.getLogger("recps.serving.replica")
@@ -1109,12 +1110,19 @@ class ServingReplica:
     # ---- serving -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def use(self) -> Iterator[_Version]:
-        """The current version, held for the duration: a swap meanwhile does not close it."""
+    def use(self, version: int | None = None) -> Iterator[_Version]:
+        """The current version (or ``version``, if it is the current one or the one kept
+        for rollback), held for the duration: a swap meanwhile does not close it."""
         with self._ref_lock:
             v = self._current
             if v is None:
                 raise NoModelVersionError(str(self.root))
+            if version and v.version != version:
+                prev = self._previous
+                if prev is None or prev.version != version:
+                    held = [x.version for x in (v, prev) if x is not None]
+                    raise VersionNotHeldError(version, held)
+                v = prev
             v.refs += 1
         try:
             yield v
@@ -1126,9 +1134,10 @@ class ServingReplica:
                 self._dispose(v)
 
     def lookup_tables(
-        self, names: Sequence[str], ids: Sequence[np.ndarray]
+        self, names: Sequence[str], ids: Sequence[np.ndarray], version: int | None = None
     ) -> tuple[int, list[tuple[str, np.ndarray, int]]]:
-        """``(version, [(table, float32 rows, dim)])``, all tables from one version."""
+        """``(version, [(table, float32 rows, dim)])``, all tables from one version: the
+        current one, or ``version`` (VersionNotHeldError unless current or previous)."""
         total = sum(len(i) for i in ids)
         if total > self.config.max_ids_per_request:
             raise E.CapacityError(
@@ -1137,15 +1146,17 @@ class ServingReplica:
             )
         if len(set(names)) != len(names):
             raise E.InvalidArgumentError(f"a table may appear once per request, got {names}")
-        with self.use() as v:
+        with self.use(version) as v:
             tables = [v.table(n) for n in names]
             v.check_held(list(names), list(ids))
             rows = v.lookup(tables, list(ids))
             return v.version, [(t.name, r, t.dim) for t, r in zip(tables, rows)]
 
-    def lookup(self, batch: Mapping[str, Any], dtype: str = "float32") -> dict[str, np.ndarray]:
+    def lookup(
+        self, batch: Mapping[str, Any], dtype: str = "float32", version: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Rows ``{table: ids} -> {table: [n, dim]}`` (float32, or float16 on request)
-        from the version current when the call starts.
+        from the version current when the call starts, or from ``version``.
 
         Example:
             >>> replica.lookup({"user": np.array([3, 1, 3])})["user"].shape  # doctest: +SKIP
@@ -1160,7 +1171,7 @@ class ServingReplica:
             if a.dtype.kind not in "iu":
                 raise E.DtypeError(f"table {n!r} ids", a.dtype, "int64")
             arrays.append(np.ascontiguousarray(a.reshape(-1), dtype=np.int64))
-        _, out = self.lookup_tables(names, arrays)
+        _, out = self.lookup_tables(names, arrays, version)
         return {n: r if dtype == "float32" else r.astype(np.float16) for n, r, _ in out}
 
     # ---- introspection -----------------------------------------------------------------------

@@ -179,7 +179,7 @@ def _make_servicers(server: ReplicaServer) -> tuple[Any, Any]:
             wire.wire_dtype(want, "want_dtype")
             names = [t.table for t in tables]
             ids = [wire.decode_ids(t.ids, "ids", t.table) for t in tables]
-            _, out = replica.lookup_tables(names, ids)
+            _, out = replica.lookup_tables(names, ids, request.model_version or None)
             code = want or ps_pb2.FLOAT32
             for name, rows, _ in out:
                 inc = self._rows_read.get(name)

@@ -333,6 +333,8 @@ def test_http_predict_health_metrics_and_bad_input(served: Served) -> None:
     assert near['stat="misses"'] > 0 and near['stat="rows"'] > 0, near
     assert {'stat="refreshed"', 'stat="refresh_failures"'} <= set(near), near
     assert 0 < near['stat="memory_bytes"'] <= 2 << 20, near  # --near-cache-mb 2
+    # Lookups pinned to the tower's version, which the replicas serve: none fell back.
+    assert "recps_ranking_unpinned_lookups_total 0.0" in text, text
     assert 10_000 < near['stat="capacity"'] < 262_144, near  # not the rows default
     merged = {
         line.split("{")[1].split("}")[0]: float(line.split()[-1])

@@ -593,6 +593,40 @@ def test_hot_swap_under_load_then_rollback(
     admin.close()
 
 
+def test_lookups_pinned_to_a_version_are_answered_from_it_or_refused(
+    tmp_path: Path, spawn: Any, ids: dict[str, np.ndarray]
+) -> None:
+    """A lookup pinned to a model version (a ranking service's tower's) is answered from
+    that version while the replica serves it or keeps it for rollback, and refused with
+    VersionNotHeldError otherwise; the replica is not marked down for it."""
+    from recps.serving.client import ServingClient
+    from recps.serving.errors import VersionNotHeldError
+
+    root = tmp_path / "model"
+    for v in (1, 2):
+        make_version(root, v, _swap_tables(ids, v))
+    replica = spawn(root, "r", "--version", "1")
+    query = {"a": ids["f32"][:40], "b": ids["f16"][:30]}
+    want = {v: {t: _swap_tables(ids, v)[t][1][: len(query[t])] for t in query} for v in (1, 2, 3)}
+    client = ServingClient([replica.address])
+    assert _version_of(client.lookup(query, version=1), want) == 1
+    with pytest.raises(VersionNotHeldError, match=r"version 2 is not held here \(held: \[1\]\)"):
+        client.lookup(query, version=2)  # not loaded yet
+    with replica.admin() as admin:
+        assert admin.load_version(2)["current"]["version"] == 2
+        for v in (1, 2):  # v1 is kept for rollback: both answer, each its own rows
+            assert _version_of(client.lookup(query, version=v), want) == v
+            assert _version_of(client.lookup(query, version=v, coalesce=False), want) == v
+        assert _version_of(client.lookup(query), want) == 2  # unpinned: the served one
+        make_version(root, 3, _swap_tables(ids, 3))
+        assert admin.load_version(3)["previous"]["version"] == 2
+    with pytest.raises(VersionNotHeldError, match=r"held: \[2, 3\]"):
+        client.lookup(query, version=1)  # two versions on: retired
+    assert _version_of(client.lookup(query, version=2), want) == 2
+    assert client.stats()[0]["failures"] == 0  # never blamed on the replica
+    client.close()
+
+
 def test_restart_serves_the_pinned_version_then_the_latest(
     tmp_path: Path, spawn: Any, ids: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:

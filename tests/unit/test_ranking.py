@@ -357,3 +357,32 @@ def test_a_closed_ranker_scores_but_no_longer_refreshes(tmp_path: Path) -> None:
     np.testing.assert_allclose(ranker.score(ctx, cands), want, rtol=1e-6)
     time.sleep(0.3)
     assert ranker.rows_refreshed == 0 and len(rows.calls) == 1
+
+
+def test_pinned_lookups_fall_back_to_the_served_version_and_count_it() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from recps.serving.errors import VersionNotHeldError
+    from recps.serving.ranking_server import _PinnedLookup
+
+    class Client:
+        held = {1, 2}
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[int | None, bool]] = []
+
+        def lookup(self, batch: dict, coalesce: bool = True, version: int | None = None) -> dict:
+            self.calls.append((version, coalesce))
+            if version is not None and version not in self.held:
+                raise VersionNotHeldError(version, sorted(self.held))
+            return {t: np.full((len(v), 2), version or 0, np.float32) for t, v in batch.items()}
+
+    client = Client()
+    counter = Counter("unpinned", "test", registry=CollectorRegistry())
+    pinned = _PinnedLookup(client, counter, coalesce=False)  # type: ignore[arg-type]
+    pinned.version = 2
+    assert pinned({"t": np.array([1, 2])})["t"].tolist() == [[2, 2], [2, 2]]
+    assert counter._value.get() == 0 and client.calls == [(2, False)]
+    pinned.version = 3  # no replica has it yet: the served version's rows, counted
+    assert pinned({"t": np.array([1])})["t"].tolist() == [[0, 0]]
+    assert counter._value.get() == 1 and client.calls[-2:] == [(3, False), (None, False)]
