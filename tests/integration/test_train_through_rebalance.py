@@ -33,8 +33,10 @@ How the overlap is made certain on a loaded 2-core box: the mover starts growing
 ``GROW_AT`` (the trainer waits there until the third shard's process is up) and shrinking
 at ``SHRINK_AT``; two steps after each, the trainer waits for the apply's first progress
 report (a fast machine would otherwise run ahead to the next hold before the apply moved
-anything), and before steps ``HOLD_GROW`` and ``HOLD_SHRINK`` until the matching apply
-has finished (the waits are measured and printed). So every apply overlaps training
+anything), ``HANDOVER_STEPS`` steps before each hold for its first handover (a long copy
+would otherwise let it reach the hold before any move was handed over), and before steps
+``HOLD_GROW`` and ``HOLD_SHRINK`` until the matching apply has finished (the waits are
+measured and printed). So every apply overlaps training
 however fast or slow the machine, and the last steps, the evaluation and the
 checkpoint run on the final map. The test asserts that at least
 ``MIN_STEPS_DURING_APPLY`` steps completed between each apply's first and last progress
@@ -77,6 +79,9 @@ STEPS = 200  # of 225 in the epoch (14.4k training rows / 64)
 # overlap (measured: each apply spans 15-60 steps, the trainer waits 0-1.2 s in all).
 GROW_AT, HOLD_GROW = 10, 120
 SHRINK_AT, HOLD_SHRINK = 130, 185
+# Steps the trainer runs after an apply's first handover, before its hold: the rest of
+# the handovers land among them, so the trainer routes by a map from the middle.
+HANDOVER_STEPS = 8
 MIN_STEPS_DURING_APPLY = 3
 # About a dozen moves per apply (each a freeze + handover), and a background copy of many
 # small pages at a low duty cycle, so that each apply spans many training steps.
@@ -190,6 +195,10 @@ class _Mover(threading.Thread):
         # steps after the apply starts, so on a fast machine it cannot run ahead to the
         # next hold before the apply has begun moving slots.
         self.started = {"grow": threading.Event(), "shrink": threading.Event()}
+        # The first handover of each apply: the trainer waits for it HANDOVER_STEPS steps
+        # before the hold, so a long copy cannot let it reach the hold before any move
+        # was handed over (it would then see no map from the middle of the apply).
+        self.handed_over = {"grow": threading.Event(), "shrink": threading.Event()}
         self.abort = threading.Event()  # the job ended early: stop waiting for its steps
         self.spans: dict[str, tuple[int, int, float, float]] = {}  # step/time at start, end
         self.reports: dict[str, dict[str, Any]] = {}
@@ -213,6 +222,8 @@ class _Mover(threading.Thread):
         def on_progress(p: Progress) -> None:
             self.progress_steps[name].append(self.clock.step)
             self.started[name].set()
+            if p.moves_done:
+                self.handed_over[name].set()
 
         self.reports[name] = apply_plan(
             plan, self.cluster_file, added, config=MOVE, on_progress=on_progress
@@ -239,7 +250,7 @@ class _Mover(threading.Thread):
             self.ready.set()
             self.grown.set()
             self.shrunk.set()
-            for e in self.started.values():
+            for e in (*self.started.values(), *self.handed_over.values()):
                 e.set()
 
 
@@ -285,8 +296,10 @@ def test_training_through_grow_and_shrink_matches_the_undisturbed_run(
         clock_b.holds = {
             GROW_AT: mover.ready,
             GROW_AT + 2: mover.started["grow"],
+            HOLD_GROW - HANDOVER_STEPS: mover.handed_over["grow"],
             HOLD_GROW: mover.grown,
             SHRINK_AT + 2: mover.started["shrink"],
+            HOLD_SHRINK - HANDOVER_STEPS: mover.handed_over["shrink"],
             HOLD_SHRINK: mover.shrunk,
         }
         mover.start()
