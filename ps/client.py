@@ -66,7 +66,9 @@ _FROZEN_WAIT_S = 120.0
 _FROZEN_PAUSE_S = 0.01
 
 
-def _as_ids(ids: Any) -> np.ndarray:
+def as_ids(ids: Any) -> np.ndarray:
+    """Ids as a contiguous 1-D int64 array (numpy, lists, torch tensors on any device);
+    DtypeError for non-integer ids."""
     if hasattr(ids, "detach"):  # torch.Tensor, without importing torch
         ids = ids.detach().cpu().numpy()
     a = np.asarray(ids)
@@ -451,7 +453,7 @@ class PSClient:
         uniq: dict[str, np.ndarray] = {}
         inverse: dict[str, np.ndarray | None] = {}
         for t, v in batch.items():
-            a = _as_ids(v)
+            a = as_ids(v)
             uniq[t], inverse[t] = (a, None) if assume_unique else _unique_inverse(a)
         rows: dict[str, np.ndarray | None] = dict.fromkeys(uniq)
 
@@ -519,7 +521,7 @@ class PSClient:
         uniq: dict[str, np.ndarray] = {}
         sums: dict[str, np.ndarray] = {}
         for t, (i, g) in grads.items():
-            a, ga = _as_ids(i), _as_grads(g)
+            a, ga = as_ids(i), _as_grads(g)
             if ga.ndim != 2 or len(ga) != len(a):
                 raise E.LengthMismatchError(len(a), len(ga) if ga.ndim else 0)
             uniq[t], sums[t] = (a, ga) if assume_unique else unique_sum(a, ga)

@@ -45,7 +45,7 @@ from recps.embedding import errors as E
 from recps.embedding.base import table_major_order, unsorted_parts
 from recps.proto import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc
 from recps.ps import wire
-from recps.ps.client import open_channel
+from recps.ps.client import as_ids, open_channel
 from recps.ps.config import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
 from recps.ps.errors import from_rpc_error, register_error_classes
 from recps.ps.routing import ShardMap, slot_of
@@ -219,7 +219,7 @@ class ServingClient:
         from it if they serve it or keep it for rollback; when none does,
         :class:`~recps.serving.errors.VersionNotHeldError`.
         """
-        ids = {t: _as_ids(v) for t, v in batch.items()}
+        ids = {t: as_ids(v) for t, v in batch.items()}
         if not self._inflight or not coalesce:
             return self._lookup_one(ids, version)
         key = int(version or 0)
@@ -509,10 +509,6 @@ def dedup_tables(
         return out
 
     return uniq, expand
-
-
-def _as_ids(v: Any) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(v), dtype=np.int64).reshape(-1)
 
 
 def _id_count(batch: Mapping[str, np.ndarray]) -> int:

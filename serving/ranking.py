@@ -92,13 +92,16 @@ class RankerConfig:
     near_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.near_cache_bytes < 0:
-            raise ConfigError("near_cache_bytes must be >= 0 (0: size by near_cache_rows)")
         if self.max_candidates < 1:
             raise ConfigError("max_candidates must be >= 1")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
-        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s, self.near_cache_refresh_ahead)
+        check_near_cache(
+            self.near_cache_rows,
+            self.near_cache_ttl_s,
+            self.near_cache_refresh_ahead,
+            self.near_cache_bytes,
+        )
 
 
 # Background refresh (see Ranker._refresh): rows per lookup call, and the share of time a
@@ -107,10 +110,12 @@ _REFRESH_ROWS = 4096
 _REFRESH_DUTY = 0.25
 
 
-def check_near_cache(rows: int, ttl_s: float, refresh_ahead: float = 0.0) -> None:
+def check_near_cache(rows: int, ttl_s: float, refresh_ahead: float = 0.0, nbytes: int = 0) -> None:
     """The near cache's settings, checked the same in every config that carries them."""
     if rows < 0 or not ttl_s > 0:
         raise ConfigError("near_cache_rows must be >= 0 and near_cache_ttl_s > 0")
+    if nbytes < 0:
+        raise ConfigError("near_cache_bytes must be >= 0 (0: size by near_cache_rows)")
     if not 0 <= refresh_ahead < 1:
         raise ConfigError("near_cache_refresh_ahead must be in [0, 1) (0: off)")
 

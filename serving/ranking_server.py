@@ -115,9 +115,12 @@ class RankingServerConfig:
             raise E.ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.watch_interval_s < 0 or self.max_workers < 1:
             raise E.ConfigError("watch_interval_s must be >= 0 and max_workers >= 1")
-        check_near_cache(self.near_cache_rows, self.near_cache_ttl_s, self.near_cache_refresh_ahead)
-        if self.near_cache_bytes < 0:
-            raise E.ConfigError("near_cache_bytes must be >= 0 (0: size by near_cache_rows)")
+        check_near_cache(
+            self.near_cache_rows,
+            self.near_cache_ttl_s,
+            self.near_cache_refresh_ahead,
+            self.near_cache_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,10 @@ class RankingService:
 
     def _load(self, vdir: Path) -> Ranker:
         c = self.config
+        # Requests and background refreshes alike ask for the tower's own version (set
+        # below, once the manifest has named it, before the ranker serves a request).
+        pinned = _PinnedLookup(self.client, self.unpinned)
+        refresh = _PinnedLookup(self.client, self.unpinned, coalesce=False)
         ranker = Ranker(
             RankerConfig(
                 model=str(vdir),
@@ -212,10 +219,10 @@ class RankingService:
                 serve_stale=c.serve_stale,
                 near_cache_refresh_ahead=c.near_cache_refresh_ahead,
             ),
-            pinned := _PinnedLookup(self.client, self.unpinned),
-            refresh_lookup=(refresh := _PinnedLookup(self.client, self.unpinned, coalesce=False)),
+            pinned,
+            refresh_lookup=refresh,
         )
-        pinned.version = refresh.version = ranker.version  # before it serves a request
+        pinned.version = refresh.version = ranker.version
         self.version_gauge.set(ranker.version)
         log.info("ranking with model version %d from %s", ranker.version, vdir)
         return ranker

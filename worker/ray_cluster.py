@@ -560,13 +560,17 @@ class RayPSCluster:
         A shard of this job that `recps shard remove` drained out of the map is skipped
         (its actor is gone); its last info stays.
         """
-        in_map = set(self._newest_map().shards)
-        # Actors and infos are in start order; their shard ids need not be 0..n-1.
-        ks = [k for k, i in enumerate(self.infos) if int(i["shard_id"]) in in_map]
+        ks = self._in_map()
         got = dict(zip(ks, _ready_all([self.actors[k] for k in ks], self._timeout(timeout_s))))
         self.infos = [got.get(k, info) for k, info in enumerate(self.infos)]
         self._known_pids.update({int(i["pid"]): i["node_ip"] for i in got.values()})
         return self.infos
+
+    def _in_map(self) -> list[int]:
+        """Indices into ``actors``/``infos`` of the shards in the newest map. (Actors and
+        infos are in start order; their shard ids need not be 0..n-1.)"""
+        in_map = self._newest_map().shards
+        return [k for k, i in enumerate(self.infos) if int(i["shard_id"]) in in_map]
 
     def _timeout(self, timeout_s: float | None) -> float:
         return timeout_s or self.config.ready_timeout_s
@@ -603,10 +607,10 @@ class RayPSCluster:
     @contextlib.contextmanager
     def watching(self, interval_s: float = 2.0) -> Iterator[None]:
         """While inside, a thread asks every shard actor for its process every
-        ``interval_s`` and calls :meth:`refresh` when one was restarted (Ray restarts a
-        shard that died): its new pid reaches the cluster files (`recps status` would
-        show it down), and a shard that came back on another port gets a re-issued map,
-        which the clients follow through those files.
+        ``interval_s`` (Ray restarts a shard that died): a restarted shard's new pid is
+        written to the cluster files at once (else `recps status` shows it down), and
+        one that came back on another port gets a re-issued map (:meth:`refresh`), which
+        clients fetch from the other shards and the cluster files.
 
         Example:
             >>> with ps.watching():  # doctest: +SKIP
@@ -638,9 +642,8 @@ class RayPSCluster:
         """Ask every shard actor in the map for its process, without waiting on one that
         is still restarting; a new pid is written to the cluster files at once. Returns
         the shard ids now serving on another address than the map's."""
-        in_map = self._newest_map().shards
-        ks = [k for k, i in enumerate(self.infos) if int(i["shard_id"]) in in_map]
-        refs = {k: self.actors[k].ready.remote() for k in ks}
+        refs = {k: self.actors[k].ready.remote() for k in self._in_map()}
+        in_map = self._map.shards  # as _in_map just read it
         done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         answered = set(done)
         changed, moved = False, []
